@@ -1,0 +1,152 @@
+"""A checkpoint: a folder of safetensors shards (or a Hub id), validated once, up front.
+
+Resolves `model.safetensors` or `model.safetensors.index.json` (also PEFT's
+`adapter_model.safetensors`), checks that every index entry stays inside the
+folder and names a tensor its shard really holds, and serves tensors by name.
+Only safetensors are read: pickled `.bin` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .hub import resolve_model_dir
+from .safetensors_reader import CheckpointError, SafetensorsFile, TensorInfo
+
+SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors", "readapter.safetensors")
+INDEX_FILES = ("model.safetensors.index.json", "readapter.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def _inside(folder: Path, rel: str) -> Path:
+    """`folder/rel`, refusing names that escape the folder (absolute, `..`, symlinks out)."""
+    target = (folder / rel).resolve()
+    if Path(rel).is_absolute() or not target.is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{folder}: index entry {rel!r} points outside the checkpoint folder")
+    return target
+
+
+class Checkpoint:
+    """All tensors of one checkpoint, by name, across its shards.
+
+    Example:
+        >>> ckpt = Checkpoint.open("meta-llama/Llama-3.1-8B", revision="main")
+        >>> ckpt.info("model.norm.weight").shape
+    """
+
+    def __init__(self, folder: Path, files: list[SafetensorsFile], weight_map: dict[str, str]):
+        self.folder = folder
+        self.files = {f.path.name: f for f in files}
+        self.weight_map = weight_map  # tensor name -> shard file name, in shard order
+        self.source = str(folder)
+
+    @classmethod
+    def open(cls, path_or_id: str | os.PathLike, *, revision: str | None = None) -> "Checkpoint":
+        folder = resolve_model_dir(path_or_id, revision=revision)
+        ckpt = cls.from_folder(folder)
+        ckpt.source = str(path_or_id)
+        return ckpt
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> "Checkpoint":
+        folder = Path(folder)
+        index = next((folder / n for n in INDEX_FILES if (folder / n).is_file()), None)
+        if index is not None:
+            return cls._from_index(folder, index)
+        single = next((folder / n for n in SINGLE_FILES if (folder / n).is_file()), None)
+        if single is None:
+            return cls._from_loose_files(folder)
+        f = SafetensorsFile(single)
+        return cls(folder, [f], {name: single.name for name in f.tensors})
+
+    @classmethod
+    def _from_index(cls, folder: Path, index: Path) -> "Checkpoint":
+        weight_map = _load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no weight_map")
+        files: dict[str, SafetensorsFile] = {}
+        for name, rel in weight_map.items():
+            if rel not in files:
+                files[rel] = SafetensorsFile(_inside(folder, rel))
+            if name not in files[rel].tensors:
+                raise CheckpointError(f"{folder / rel}: index names tensor {name!r} but the shard lacks it")
+        return cls(folder, list(files.values()), dict(weight_map))
+
+    @classmethod
+    def _from_loose_files(cls, folder: Path) -> "Checkpoint":
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+        shards = sorted(folder.glob("*.safetensors"))
+        if len(shards) != 1:
+            pickled = [n for n in PICKLE_FILES if (folder / n).exists()]
+            why = (
+                f"only pickled weights ({pickled[0]}); convert them to safetensors first"
+                if pickled
+                else "no model.safetensors or model.safetensors.index.json"
+            )
+            raise CheckpointError(f"{folder}: {why}")
+        f = SafetensorsFile(shards[0])
+        return cls(folder, [f], {name: shards[0].name for name in f.tensors})
+
+    # -- queries ---------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        try:
+            return self.files[self.weight_map[name]]
+        except KeyError:
+            raise CheckpointError(f"{self.source}: no tensor named {name!r}") from None
+
+    def info(self, name: str) -> TensorInfo:
+        return self.file_of(name).info(name)
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.file_of(name).read_rows(name, start, stop)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.file_of(name).read(name)
+
+    @property
+    def config(self) -> dict:
+        path = self.folder / "config.json"
+        return _load_json(path) if path.is_file() else {}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.info(n).nbytes for n in self.weight_map)
+
+    def fingerprint(self) -> str:
+        """sha256 over the shard headers in name order: cheap, and changes with any layout change."""
+        h = hashlib.sha256()
+        for name in sorted(self.files):
+            h.update(name.encode())
+            h.update(self.files[name].fingerprint_part())
+        return "sha256:" + h.hexdigest()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,162 @@
+"""`stream-readapt`: each subcommand parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+
+from . import __version__
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").upper() if m else None
+    if unit is not None and unit and not unit.endswith("B"):
+        unit += "B"
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MiB)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _common(p: argparse.ArgumentParser, *, device=True) -> None:
+    if device:
+        p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, or cuda[:N]")
+        p.add_argument("--revision", help="Hub revision (branch, tag or commit) for Hub ids")
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, help="output folder (created; must be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="output dtype")
+    p.add_argument("--max-shard-size", type=parse_size, help="e.g. 5GB (default: the base model's shard layout)")
+
+
+def _extract_parser(sub) -> None:
+    p = sub.add_parser("extract", help="RE-Adapter Δ = instruct − base (full, or LoRE with --energy/--rank)")
+    p.add_argument("base", help="pretrained base model: folder or Hub id")
+    p.add_argument("instruct", help="instruction-tuned model: folder or Hub id")
+    _output_options(p)
+    low = p.add_mutually_exclusive_group()
+    low.add_argument("--energy", type=float, help="LoRE: keep the fewest singular directions explaining this share τ (paper: 0.5)")
+    low.add_argument("--rank", type=int, help="LoRE: fixed rank per matrix")
+    low.add_argument("--max-error", type=float, help="LoRE: relative Frobenius error target per matrix")
+    p.add_argument("--max-rank", type=int, help="LoRE: cap on any module's rank")
+    p.add_argument("--embeddings", choices=["full", "lora"], default="full", help="LoRE: embeddings/lm_head as full tensors or low-rank")
+    p.add_argument("--seed", type=int, default=0, help="LoRE: seed of the randomized SVD")
+    p.add_argument("--include", action="append", metavar="REGEX", help="only tensors matching (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors matching (repeatable)")
+    _common(p)
+
+
+def _merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="readapted model Ω = base + α·knowledge + β·Δ")
+    p.add_argument("base", help="pretrained base model: folder or Hub id")
+    _output_options(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--instruct", help="instruction-tuned model (Δ computed on the fly)")
+    src.add_argument("--readapter", help="folder written by `extract` (full or LoRE)")
+    p.add_argument("--knowledge", help="PEFT LoRA/rsLoRA/DoRA adapter folder trained on the base")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the knowledge adapter (default 0.5)")
+    p.add_argument("--beta", type=float, default=0.5, help="weight of the RE-Adapter (default 0.5)")
+    p.add_argument("--ignore-base-mismatch", action="store_true", help="merge even if the RE-Adapter was made from another base")
+    _common(p)
+
+
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="what a checkpoint, adapter or RE-Adapter holds")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--plot", metavar="FILE.png", help="LoRE: draw explained-variance curves and chosen ranks")
+    _common(p, device=False)
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on a tiny generated model pair, offline")
+    p.add_argument("--dir", help="work folder (default: a temporary folder, removed afterwards)")
+    _common(p, device=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-readapt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"stream-readapt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_extract_parser, _merge_parser, _inspect_parser, _demo_parser):
+        add(sub)
+    return parser
+
+
+def _run(args) -> dict | str:
+    if args.command == "extract":
+        from .extract import extract
+
+        lore = {"max_rank": args.max_rank, "embeddings": args.embeddings, "seed": args.seed}
+        low_rank = args.energy is not None or args.rank is not None or args.max_error is not None
+        return extract(
+            args.base, args.instruct, args.output, energy=args.energy, rank=args.rank, max_error=args.max_error,
+            dtype=args.dtype, device=args.device, include=args.include, exclude=args.exclude,
+            max_shard_size=args.max_shard_size, revision=args.revision, overwrite=args.overwrite,
+            quiet=args.quiet, **(lore if low_rank else {}),
+        )
+    if args.command == "merge":
+        from .merge import merge
+
+        return merge(
+            args.base, args.output, instruct=args.instruct, readapter=args.readapter, knowledge=args.knowledge,
+            alpha=args.alpha, beta=args.beta, dtype=args.dtype, device=args.device,
+            max_shard_size=args.max_shard_size, revision=args.revision, overwrite=args.overwrite,
+            ignore_base_mismatch=args.ignore_base_mismatch, quiet=args.quiet,
+        )
+    if args.command == "inspect":
+        from .describe import inspect_paths
+
+        return inspect_paths(args.paths, tensors=args.tensors, plot=args.plot)
+    from .demo import run_demo
+
+    return run_demo(args.dir, quiet=args.quiet or args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        result = _run(args)
+    except KeyboardInterrupt:
+        print("stream-readapt: interrupted (no output written)", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError, KeyError) as e:
+        message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        print(f"stream-readapt {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result if isinstance(result, dict) else {"text": result}, indent=2, default=str))
+    elif isinstance(result, dict):
+        print(summary(args.command, result))
+    else:
+        print(result)
+    return 0
+
+
+def summary(command: str, manifest: dict) -> str:
+    """A few human lines about a finished extract / merge."""
+    if "text" in manifest:
+        return manifest["text"]
+    kind = manifest.get("kind")
+    n = len(manifest.get("tensors") or manifest.get("modules") or {})
+    line = f"{command}: wrote {kind} with {n} {'modules' if 'modules' in manifest else 'tensors'} to {manifest.get('output')}"
+    if kind == "merged":
+        line += f" (alpha={manifest['alpha']}, beta={manifest['beta']})"
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

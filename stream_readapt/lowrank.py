@@ -1,0 +1,263 @@
+"""Randomized truncated SVD with energy-driven rank selection (the LoRE-Adapter step).
+
+The basis of range(Δ) grows block by block, as in randQB_b: Martinsson & Voronin (2016),
+"A randomized blocked algorithm for efficiently computing rank-revealing factorizations of
+matrices", SIAM J. Sci. Comput. 38(5). Each block is a Gaussian sketch refined by power
+(subspace) iterations, Halko, Martinsson & Tropp (2011), "Finding structure with
+randomness", SIAM Review 53(2), Alg. 4.4. Because Q has orthonormal columns,
+‖Δ‖_F² − ‖QᵀΔ‖_F² is the exact energy Δ keeps outside span(Q); that is the stopping test.
+The rank then comes from the SVD of the small B = QᵀΔ.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Rows per chunk when summing ‖Δ‖_F² in float64: bounds the float64 temporary.
+_ENERGY_CHUNK_ROWS = 1024
+
+
+@dataclass
+class LowRankFactors:
+    """A truncated SVD Δ ≈ U·diag(S)·Vh, as returned by `randomized_svd`.
+
+    U·diag(S)·Vh equals P·Δ with P = U·Uᵀ an orthogonal projector (U = Q·Ub spans a
+    subspace of the sketch basis and S, Vh come from the exact SVD of QᵀΔ), so
+    ‖Δ − U·diag(S)·Vh‖_F² = ‖Δ‖_F² − Σ S_i². `relative_error` relies on this; it holds up
+    to float32 rounding (about 1e-6 of the energy).
+    """
+
+    U: torch.Tensor  # [m, k] float32, orthonormal columns
+    S: torch.Tensor  # [k] float32, descending
+    Vh: torch.Tensor  # [k, n] float32, orthonormal rows
+    total_energy: float  # ‖Δ‖_F², accumulated in float64
+    spectrum: torch.Tensor  # every singular value of QᵀΔ (a lower bound of Δ's), float32 CPU
+
+    @property
+    def rank(self) -> int:
+        return self.S.numel()
+
+    @property
+    def captured_energy(self) -> float:
+        """Σ S_i² / ‖Δ‖_F² in [0, 1]; 1.0 for a zero matrix."""
+        if self.total_energy == 0.0:
+            return 1.0
+        captured = float(torch.linalg.vector_norm(self.S, dtype=torch.float64) ** 2)
+        return min(1.0, captured / self.total_energy)
+
+    @property
+    def relative_error(self) -> float:
+        """‖Δ − U·diag(S)·Vh‖_F / ‖Δ‖_F, as sqrt(1 − captured_energy) (see class doc)."""
+        return math.sqrt(max(0.0, 1.0 - self.captured_energy))
+
+
+def rank_for_energy(
+    singular_values: torch.Tensor, energy: float, *, total_energy: float | None = None
+) -> int:
+    """Smallest k whose cumulative share Σ_{i<k} σ_i² / total reaches `energy`.
+
+    Args:
+        singular_values: σ in descending order, any shape that flattens to [r].
+        energy: the share τ to reach, in (0, 1].
+        total_energy: the denominator; default Σ σ_i². Pass ‖Δ‖_F² when σ are estimates
+            of only part of the spectrum; if the share is never reached, returns r.
+
+    Returns:
+        k in [1, r] (0 only for an empty σ; 1 when the total is zero).
+
+    Example:
+        >>> rank_for_energy(torch.tensor([2.0, 1.0, 1.0]), 0.6)
+        1
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    sq = singular_values.detach().flatten().to(device="cpu", dtype=torch.float64) ** 2
+    if sq.numel() == 0:
+        return 0
+    total = float(sq.sum()) if total_energy is None else float(total_energy)
+    if total <= 0.0:
+        return 1
+    # cumsum in float64 so that τ close to 1 is not lost in rounding
+    reached = torch.nonzero(torch.cumsum(sq, 0) >= energy * total)
+    return int(reached[0]) + 1 if reached.numel() else sq.numel()
+
+
+def randomized_svd(
+    matrix: torch.Tensor,
+    *,
+    energy: float | None = None,
+    rank: int | None = None,
+    max_error: float | None = None,
+    max_rank: int | None = None,
+    block_size: int = 64,
+    oversample: int = 8,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> LowRankFactors:
+    """Truncated SVD of a 2-D tensor, with the rank fixed or chosen by an energy target.
+
+    Exactly one target: `energy` τ (keep the smallest k with Σ_{i≤k} σ_i² ≥ τ·‖Δ‖_F²),
+    `rank` k, or `max_error` ε (relative Frobenius error; the same as τ = 1 − ε²). Since
+    the estimated σ never exceed the true ones, an energy-chosen k is never below the
+    exact minimal rank. Runs in float32 on the matrix's device; never forms a full SVD.
+
+    Args:
+        matrix: [m, n] tensor of any floating dtype, on CPU or CUDA.
+        energy: τ in (0, 1].
+        rank: k ≥ 1, clamped to min(m, n).
+        max_error: ε in [0, 1).
+        max_rank: upper bound on k whatever the target.
+        block_size: columns added to the basis per step in energy mode.
+        oversample: extra basis columns beyond k (sharpens the top-k estimate).
+        power_iters: power iterations per block (needed on slowly decaying spectra).
+        seed: seed of the Gaussian test matrices; the same seed gives identical output.
+
+    Returns:
+        LowRankFactors with rank ≥ 1. A zero matrix gives rank 1 with S = [0] (rank k in
+        fixed-rank mode) and unit-vector U, Vh, so adapters built from it stay valid.
+
+    Example:
+        >>> f = randomized_svd(torch.randn(300, 517), energy=0.5)
+        >>> approx = f.U @ torch.diag(f.S) @ f.Vh
+    """
+    target, fixed_rank = _parse_target(energy, rank, max_error)
+    _check_options(max_rank, block_size, oversample, power_iters)
+    A = _as_float32_matrix(matrix)
+    total = _frobenius_energy(A)
+    # Basis vectors live in the shorter dimension: the QRs and B = QᵀA are cheaper.
+    transposed = A.shape[0] > A.shape[1]
+    if transposed:
+        A = A.mT
+    limit = min(A.shape)
+    k_cap = min(limit, max_rank or limit, fixed_rank or limit)
+    if total == 0.0:
+        factors = _zero_factors(A, k_cap if fixed_rank else 1)
+    else:
+        gen = torch.Generator(device=A.device).manual_seed(seed)
+        max_basis = min(limit, k_cap + oversample)
+        # A fixed rank needs no stopping test: one block means fewer passes over A.
+        block = max_basis if target is None else block_size
+        Q, B = _grow_basis(A, total, target, max_basis, block, oversample, power_iters, gen)
+        factors = _truncate(Q, B, total, target, k_cap)
+    return _transpose(factors) if transposed else factors
+
+
+def _parse_target(energy, rank, max_error) -> tuple[float | None, int | None]:
+    """(energy share, fixed rank): exactly one is set."""
+    given = [name for name, v in (("energy", energy), ("rank", rank), ("max_error", max_error))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of energy, rank, max_error (got {given or 'none'})")
+    if energy is not None:
+        if not 0.0 < energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        return float(energy), None
+    if max_error is not None:
+        if not 0.0 <= max_error < 1.0:
+            raise ValueError(f"max_error must be in [0, 1), got {max_error}")
+        return 1.0 - float(max_error) ** 2, None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    return None, rank
+
+
+def _check_options(max_rank, block_size, oversample, power_iters) -> None:
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+        raise ValueError(f"max_rank must be an integer >= 1 or None, got {max_rank!r}")
+    if block_size < 1 or oversample < 0 or power_iters < 0:
+        raise ValueError(
+            f"need block_size >= 1, oversample >= 0, power_iters >= 0; got {block_size}, "
+            f"{oversample}, {power_iters}"
+        )
+
+
+def _as_float32_matrix(matrix: torch.Tensor) -> torch.Tensor:
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.numel() == 0:
+        shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix)
+        raise ValueError(f"randomized_svd needs a non-empty 2-D tensor, got {shape}")
+    if not (matrix.dtype.is_floating_point or matrix.dtype.is_complex) or matrix.is_complex():
+        raise ValueError(f"randomized_svd needs a real floating tensor, got {matrix.dtype}")
+    return matrix.detach().to(torch.float32)
+
+
+def _frobenius_energy(A: torch.Tensor) -> float:
+    """‖A‖_F² in float64, chunked; raises on NaN/Inf (a finite float32 cannot overflow it)."""
+    total = sum(
+        float(torch.linalg.vector_norm(chunk, dtype=torch.float64) ** 2)
+        for chunk in A.split(_ENERGY_CHUNK_ROWS)
+    )
+    if not math.isfinite(total):
+        raise ValueError(
+            f"matrix of shape {tuple(A.shape)} contains NaN or Inf; check the checkpoint "
+            "tensors it came from"
+        )
+    return total
+
+
+def _grow_basis(A, total, target, max_basis, block, oversample, power_iters, gen):
+    """Orthonormal Q [m, q] and B = QᵀA [q, n], grown until QᵀA holds target·total
+    (target None: until max_basis columns)."""
+    m, n = A.shape
+    Q, B = A.new_empty((m, 0)), A.new_empty((0, n))
+    captured = 0.0
+    while Q.shape[1] < max_basis:
+        Qi = _range_block(A, Q, min(block, max_basis - Q.shape[1]), power_iters, gen)
+        Bi = Qi.mT @ A  # only the new rows of B
+        Q, B = torch.cat([Q, Qi], 1), torch.cat([B, Bi], 0)
+        captured += float(torch.linalg.vector_norm(Bi, dtype=torch.float64) ** 2)
+        logger.debug("basis %d/%d, residual energy %.3e", Q.shape[1], max_basis, total - captured)
+        if target is not None and total - captured <= (1.0 - target) * total:
+            break
+    return Q, B
+
+
+def _range_block(A, Q, b, power_iters, gen):
+    """b orthonormal columns ⊥ Q approximating the dominant range of (I − QQᵀ)A."""
+    omega = torch.randn((A.shape[1], b), generator=gen, device=A.device, dtype=A.dtype)
+    Y = _orth_against(A @ omega, Q)
+    for _ in range(power_iters):
+        # Y ⊥ Q, so AᵀY = (A − QB)ᵀY: the iteration sees the deflated operator for free.
+        Z = torch.linalg.qr(A.mT @ Y).Q
+        Y = _orth_against(A @ Z, Q)
+    return Y
+
+
+def _orth_against(Y, Q):
+    """Orthonormalize Y against span(Q) and itself (block Gram–Schmidt, twice)."""
+    if Q.shape[1] == 0:
+        return torch.linalg.qr(Y).Q
+    for _ in range(2):
+        # The second pass works on unit columns, so it also cleans up blocks that were
+        # almost inside span(Q) (rank-deficient A), where one pass leaves O(1) overlap.
+        Y = torch.linalg.qr(Y - Q @ (Q.mT @ Y)).Q
+    return Y
+
+
+def _truncate(Q, B, total, target, k_cap) -> LowRankFactors:
+    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    k = k_cap if target is None else rank_for_energy(S, target, total_energy=total)
+    k = min(k, k_cap, S.numel())
+    return LowRankFactors(
+        U=Q @ Ub[:, :k], S=S[:k].clone(), Vh=Vh[:k].clone(), total_energy=total,
+        spectrum=S.cpu(),
+    )
+
+
+def _zero_factors(A, k) -> LowRankFactors:
+    m, n = A.shape
+    eye = lambda size: torch.eye(size, k, device=A.device, dtype=torch.float32)  # noqa: E731
+    S = torch.zeros(k, device=A.device, dtype=torch.float32)
+    return LowRankFactors(U=eye(m), S=S, Vh=eye(n).mT.contiguous(), total_energy=0.0,
+                          spectrum=S.cpu())
+
+
+def _transpose(f: LowRankFactors) -> LowRankFactors:
+    """Factors of Aᵀ → factors of A."""
+    return LowRankFactors(U=f.Vh.mT.contiguous(), S=f.S, Vh=f.U.mT.contiguous(),
+                          total_energy=f.total_energy, spectrum=f.spectrum)

@@ -1,0 +1,187 @@
+"""Readaptation in one streaming pass: Ω = Φ + α·Ψ + β·Δ, a row block at a time.
+
+Φ is the base, Ψ a knowledge adapter trained on the base (PEFT LoRA/DoRA), Δ
+the RE-Adapter (from the instruct model, a full RE-Adapter or a LoRE-Adapter).
+Arithmetic is float32 on the chosen device; the result is written in the base
+dtype (or `dtype`) as a complete Hugging Face checkpoint with the instruct
+model's config, generation config and tokenizer.
+
+Rows the instruct model added to the vocabulary have no Φ (nor Ψ: the knowledge
+adapter was trained on the base), so Ω takes Θ's rows there unscaled: a β-scaled
+copy would shrink exactly the special tokens the chat template relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
+from .peft_adapter import PeftAdapter
+from .plan import LM_HEAD, TensorPair, base_name_for
+from .safetensors_reader import CheckpointError
+from .sources import InstructDelta, open_readapter
+from .streaming import (
+    DEFAULT_BLOCK_BYTES, check_finite, progress, resolve_device, resolve_dtype, row_blocks, to_device_f32,
+)
+from .writer import CheckpointWriter, OutputFolder, PlannedTensor, shards_by_size, shards_like
+
+logger = logging.getLogger(__name__)
+
+
+def merge(
+    base: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    instruct: str | os.PathLike | None = None,
+    readapter: str | os.PathLike | None = None,
+    knowledge: str | os.PathLike | None = None,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    dtype: str | torch.dtype | None = None,
+    device: str = "auto",
+    max_shard_size: int | None = None,
+    revision: str | None = None,
+    overwrite: bool = False,
+    ignore_base_mismatch: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    quiet: bool = True,
+) -> dict:
+    """Write the readapted model Ω = Φ + α·Ψ + β·Δ to `output`; returns its manifest.
+
+    Args:
+        base: pretrained base Φ (folder or Hub id).
+        output: folder for the merged Hugging Face checkpoint (must be empty unless `overwrite`).
+        instruct / readapter: where Δ comes from (exactly one): the instruct model Θ, or a
+            folder written by `extract` (full RE-Adapter or LoRE-Adapter).
+        knowledge: optional PEFT LoRA/rsLoRA/DoRA adapter folder trained on the base (Ψ).
+        alpha, beta: weights of Ψ and Δ (the paper's defaults: 0.5, 0.5).
+        dtype: output dtype (default: the base's).
+
+    Example:
+        >>> merge("base", "out", instruct="instruct", knowledge="lora", alpha=0.5, beta=0.5)
+    """
+    if (instruct is None) == (readapter is None):
+        raise ValueError("give exactly one of instruct= or readapter= (where Δ comes from)")
+    out_folder = OutputFolder(output, overwrite=overwrite)
+    dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
+    with Checkpoint.open(base, revision=revision) as phi:
+        delta = InstructDelta(Checkpoint.open(instruct, revision=revision)) if instruct else open_readapter(readapter)
+        psi = PeftAdapter(knowledge) if knowledge else None
+        try:
+            _check_recorded_base(delta, phi, ignore_base_mismatch)
+            pairs = delta.plan(phi)
+            if psi is not None:
+                psi.check_base(phi, resolve=lambda n: base_name_for(phi, n))
+            manifest = new_manifest(
+                "merged",
+                inputs=_inputs(phi, delta, psi),
+                alpha=alpha, beta=beta,
+                dtype=str(out_dtype).replace("torch.", "") if out_dtype else "base",
+                device=str(dev),
+            )
+            with out_folder as tmp:
+                manifest["tensors"] = _write_all(
+                    tmp, pairs, phi, delta, psi, alpha, beta, out_dtype, dev, max_shard_size, block_bytes, manifest, quiet
+                )
+                _write_side_files(tmp, delta, phi, pairs)
+                write_manifest(tmp, manifest)
+        finally:
+            delta.close()
+            if psi is not None:
+                psi.close()
+    manifest["output"] = str(output)
+    return manifest
+
+
+def _inputs(phi, delta, psi) -> dict:
+    inputs = {"base": input_record(phi), "delta": delta.record()}
+    if psi is not None:
+        inputs["knowledge"] = {"source": psi.source, "fingerprint": psi.fingerprint()}
+    return inputs
+
+
+def _check_recorded_base(delta, phi: Checkpoint, ignore: bool) -> None:
+    recorded = ((delta.manifest or {}).get("inputs", {}).get("base") or {}).get("fingerprint")
+    if recorded and recorded != phi.fingerprint():
+        msg = f"{delta.folder}: RE-Adapter was extracted from another base than {phi.source}"
+        if not ignore:
+            raise CheckpointError(msg + " (pass --ignore-base-mismatch to go on)")
+        logger.warning(msg)
+
+
+def _write_all(tmp, pairs, phi, delta, psi, alpha, beta, out_dtype, dev, max_shard_size, block_bytes, manifest, quiet):
+    dtype_of = lambda p: out_dtype or p.dtype
+    plan = [PlannedTensor(p.name, _numel(p.shape) * dtype_of(p).itemsize) for p in pairs]
+    groups = shards_by_size(plan, max_shard_size) if max_shard_size else shards_like(plan, phi.weight_map)
+    writer = CheckpointWriter(tmp, groups, metadata=safetensors_metadata(manifest))
+    by_name = {p.name: p for p in pairs}
+    record = {}
+    bar = progress(sum(t.nbytes for t in plan), "merge", quiet)
+    try:
+        for name in (n for g in groups for n in g):
+            pair = by_name[name]
+            writer.begin(name, dtype_of(pair), pair.shape)
+            record[name] = _merge_tensor(writer, pair, phi, delta, psi, alpha, beta, dtype_of(pair), dev, block_bytes)
+            writer.end()
+            bar.update(_numel(pair.shape) * dtype_of(pair).itemsize)
+        writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return record
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _merge_tensor(writer, pair: TensorPair, phi, delta, psi, alpha, beta, dtype, dev, block_bytes) -> dict:
+    row_numel = _numel(pair.shape[1:])
+    rows = pair.shape[0] if pair.shape else 1
+    used = {"delta": beta != 0 and delta.has(pair.name), "knowledge": False, "added_rows": pair.added_rows}
+    for start, stop in row_blocks(rows, row_numel, block_bytes, split_at=pair.base_rows):
+        if start >= pair.base_rows:
+            out = delta.added_rows(pair.name, start, stop, dev)
+        else:
+            out = _merge_block(pair, phi, delta, psi, alpha, beta, dev, start, stop, used)
+        check_finite(out, pair.name)
+        writer.write(out.to(dtype))
+    return used
+
+
+def _merge_block(pair, phi, delta, psi, alpha, beta, dev, start, stop, used) -> torch.Tensor:
+    base = to_device_f32(phi.read_rows(pair.base, start, stop), dev)
+    # Ψ first: DoRA needs Φ's rows, and the blend may reuse their storage.
+    knowledge = psi.delta_rows(pair.name, base, start, stop) if psi is not None and alpha != 0 else None
+    out = delta.blend(pair.name, base, beta, start, stop) if beta != 0 else base
+    if knowledge is not None:
+        out = out.add_(knowledge, alpha=alpha)
+    used["knowledge"] |= knowledge is not None
+    return out
+
+
+def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPair]) -> None:
+    """Config, generation config and tokenizer from the instruct side (else the base)."""
+    copied = copy_side_files(delta.folder, tmp)
+    if "config.json" not in copied:
+        copy_side_files(phi.folder, tmp, skip=tuple(copied))
+    config_path = tmp / "config.json"
+    if config_path.is_file() and any(p.name == LM_HEAD for p in pairs):
+        # A separate lm_head was written: the config must not tie it back to the embeddings.
+        with open(config_path) as fh:
+            config = json.load(fh)
+        if config.get("tie_word_embeddings", True):
+            config["tie_word_embeddings"] = False
+            with open(config_path, "w") as fh:
+                json.dump(config, fh, indent=2)

@@ -1,0 +1,99 @@
+"""Pair the tensors of two checkpoints by name, before any byte is read.
+
+Resolves tied embeddings (a tied model has no `lm_head.weight`: it reads the
+embedding) and added vocabulary (an instruct model whose embedding / lm_head has
+more rows than the base: the extra rows have no base counterpart), and fails fast
+on anything that cannot be paired: other architectures, other shapes, a tensor
+present on one side only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint
+from .safetensors_reader import CheckpointError
+
+EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class TensorPair:
+    """One output tensor: read `base` (rows [0, base_rows)) and `other` (all rows)."""
+
+    name: str
+    base: str  # base tensor to read (the embedding, for a tied lm_head)
+    shape: tuple[int, ...]  # output shape (the instruct / RE-Adapter side)
+    base_rows: int  # rows the base has; rows past it are added vocabulary
+    dtype: torch.dtype  # the base's dtype
+
+    @property
+    def added_rows(self) -> int:
+        return (self.shape[0] if self.shape else 1) - self.base_rows
+
+
+def ties_embeddings(config: dict) -> bool:
+    # transformers' PretrainedConfig defaults tie_word_embeddings to True.
+    return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", True)))
+
+
+def embedding_name(ckpt: Checkpoint) -> str | None:
+    return next((n for n in EMBED_NAMES if n in ckpt), None)
+
+
+def base_name_for(base: Checkpoint, name: str) -> str | None:
+    """The base tensor that plays `name`'s role (a tied lm_head reads the embedding)."""
+    if name in base:
+        return name
+    if name == LM_HEAD and ties_embeddings(base.config):
+        return embedding_name(base)
+    return None
+
+
+def check_architectures(base: Checkpoint, other: Checkpoint, other_label: str) -> None:
+    a, b = base.config, other.config
+    for key in ("model_type", "architectures"):
+        if a.get(key) and b.get(key) and a[key] != b[key]:
+            raise CheckpointError(
+                f"{other.source}: {other_label} is {key}={b[key]!r} but the base is {a[key]!r}"
+            )
+
+
+def pair_tensor(base: Checkpoint, name: str, shape: tuple[int, ...], source: str) -> TensorPair:
+    base_tensor = base_name_for(base, name)
+    if base_tensor is None:
+        raise CheckpointError(f"{source}: tensor {name!r} has no counterpart in the base {base.source}")
+    info = base.info(base_tensor)
+    if info.shape == shape:
+        return TensorPair(name, base_tensor, shape, info.shape[0] if shape else 1, info.dtype)
+    grown = len(shape) == 2 and len(info.shape) == 2 and shape[1] == info.shape[1] and shape[0] > info.shape[0]
+    if not grown:
+        raise CheckpointError(
+            f"{source}: tensor {name!r} has shape {list(shape)} but the base has {list(info.shape)}"
+        )
+    return TensorPair(name, base_tensor, shape, info.shape[0], info.dtype)
+
+
+def plan_pairs(base: Checkpoint, instruct: Checkpoint) -> list[TensorPair]:
+    """Every tensor of the instruct model, paired with the base, in the base's shard order."""
+    check_architectures(base, instruct, "the instruct model")
+    dropped = [n for n in base.names if n not in instruct and not (n == LM_HEAD and ties_embeddings(instruct.config))]
+    if dropped:
+        raise CheckpointError(f"{instruct.source}: tensor {dropped[0]!r} of the base is missing here")
+    order = {n: i for i, n in enumerate(base.names)}
+    names = sorted(instruct.names, key=lambda n: order.get(n, len(order)))
+    return [pair_tensor(base, n, tuple(instruct.info(n).shape), instruct.source) for n in names]
+
+
+def select(names: list[str], include: list[str] | None, exclude: list[str] | None) -> set[str]:
+    """Names matching any `include` regex (all if none) and no `exclude` regex."""
+    inc = [re.compile(p) for p in include or []]
+    exc = [re.compile(p) for p in exclude or []]
+    return {
+        n for n in names
+        if (not inc or any(p.search(n) for p in inc)) and not any(p.search(n) for p in exc)
+    }

@@ -1,0 +1,194 @@
+"""Read one safetensors file a row block at a time, without mapping it.
+
+The format is 8 bytes of little-endian header length, a JSON header
+(``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``) and the
+raw tensor bytes. We validate the header once, up front, and then serve row
+ranges with positional reads (``os.preadv``) into fresh buffers: consumed bytes
+live in the page cache, never in this process's resident set, so peak RSS is
+bounded by the row block, not by the tensor or the shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# safetensors dtype names <-> torch dtypes (float8 only where this torch has it).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if getattr(torch, _attr, None) is not None:
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER_BYTES = 100_000_000  # same cap as the reference implementation
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live inside its file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one slice along dim 0 (a 0-d tensor is one "row")."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, adapter or index that cannot be used as given."""
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"unsupported safetensors dtype {name!r}") from None
+
+
+def _parse_header(path: Path, file_size: int, raw: bytes) -> tuple[dict, dict[str, TensorInfo]]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + len(raw)
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_start)
+    _check_layout(path, tensors, data_start, file_size)
+    return metadata, tensors
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
+    try:
+        dtype = dtype_from_name(entry["dtype"])
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({e})") from None
+    info = TensorInfo(name, dtype, shape, data_start + begin, end - begin)
+    if any(d < 0 for d in shape) or info.nbytes != info.numel * dtype.itemsize:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has shape {list(shape)} but {end - begin} bytes (corrupt header)"
+        )
+    return info
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, file_size: int) -> None:
+    end = data_start
+    for info in sorted(tensors.values(), key=lambda t: t.start):
+        if info.start < end:
+            raise CheckpointError(f"{path}: tensor {info.name!r} overlaps another (corrupt header)")
+        end = info.start + info.nbytes
+    if end > file_size:
+        raise CheckpointError(
+            f"{path}: truncated file: header promises {end} bytes, file has {file_size}"
+        )
+
+
+class SafetensorsFile:
+    """One validated safetensors file, read by rows.
+
+    Example:
+        >>> f = SafetensorsFile("model.safetensors")
+        >>> block = f.read_rows("model.embed_tokens.weight", 0, 1024)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such safetensors file")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{self.path}: truncated file (no safetensors header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{self.path}: corrupt or truncated safetensors header")
+            raw = fh.read(header_len)
+        self.header_bytes = raw
+        self.metadata, self.tensors = _parse_header(self.path, size, raw)
+        self._fd: int | None = None
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (dim 0), as a new CPU tensor."""
+        info = self.info(name)
+        rows = info.shape[0] if info.shape else 1
+        stop = rows if stop is None else min(stop, rows)
+        shape = ((stop - start),) + info.shape[1:] if info.shape else ()
+        nbytes = (stop - start) * info.row_bytes
+        buf = bytearray(nbytes)
+        self._read_into(memoryview(buf), info.start + start * info.row_bytes, name)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor (use only for small tensors or where a whole matrix is needed)."""
+        return self.read_rows(name)
+
+    def _read_into(self, view: memoryview, offset: int, name: str) -> None:
+        fd = self._descriptor()
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
+            done += n
+
+    def fingerprint_part(self) -> bytes:
+        """What identifies this file cheaply: its header bytes."""
+        return self.header_bytes

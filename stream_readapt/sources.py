@@ -1,0 +1,146 @@
+"""Where Δ comes from in a merge: the instruct model itself, a full RE-Adapter, or a LoRE-Adapter.
+
+Each source answers, for one output tensor and a block of base rows Φ (float32,
+on the device): `delta_rows` (Δ for those rows, or None when the tensor has no Δ)
+and `added_rows` (the rows past the base's vocabulary, taken whole).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .manifest import read_manifest
+from .peft_adapter import PeftAdapter
+from .plan import TensorPair, pair_tensor, plan_pairs, base_name_for
+from .safetensors_reader import CheckpointError
+from .streaming import to_device_f32
+
+
+class DeltaSource:
+    """What every source shares: Φ + β·Δ by adding Δ's rows (when this tensor has a Δ)."""
+
+    kind = "?"
+    folder: Path
+    manifest: dict | None = None
+
+    def blend(self, name: str, phi: torch.Tensor, beta: float, start: int, stop: int) -> torch.Tensor:
+        """Φ + β·Δ for these rows; may reuse `phi`'s storage."""
+        d = self.delta_rows(name, phi, start, stop)
+        return phi if d is None else phi.add_(d, alpha=beta)
+
+
+class InstructDelta(DeltaSource):
+    """Δ = Θ − Φ computed on the fly from the instruct checkpoint."""
+
+    kind = "instruct"
+
+    def __init__(self, instruct: Checkpoint):
+        self.ckpt = instruct
+        self.folder = instruct.folder
+
+    def plan(self, base: Checkpoint) -> list[TensorPair]:
+        return plan_pairs(base, self.ckpt)
+
+    def has(self, name: str) -> bool:
+        return name in self.ckpt
+
+    def delta_rows(self, name: str, phi: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        return self.read(name, start, stop, phi.device).sub_(phi) if name in self.ckpt else None
+
+    def blend(self, name, phi, beta, start, stop):
+        # lerp is exact at β = 0 and β = 1, so (α, β) = (0, 1) reproduces Θ bit for bit.
+        return torch.lerp(phi, self.read(name, start, stop, phi.device), beta)
+
+    def read(self, name: str, start: int, stop: int, device) -> torch.Tensor:
+        return to_device_f32(self.ckpt.read_rows(name, start, stop), device)
+
+    added_rows = read
+
+    def record(self) -> dict:
+        return {"source": self.ckpt.source, "fingerprint": self.ckpt.fingerprint(), "kind": self.kind}
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+class FullDelta(InstructDelta):
+    """Δ read from a full RE-Adapter written by `extract` (added rows are Θ's rows: Φ is zero there)."""
+
+    kind = "readapter"
+    blend = DeltaSource.blend
+
+    def __init__(self, folder: Path, manifest: dict):
+        super().__init__(Checkpoint.from_folder(folder))
+        self.manifest = manifest
+
+    def plan(self, base: Checkpoint) -> list[TensorPair]:
+        pairs = {n: pair_tensor(base, n, tuple(self.ckpt.info(n).shape), self.ckpt.source) for n in self.ckpt.names}
+        dropped = set(self.manifest.get("base_only", []))
+        for name in base.names:  # tensors the extraction left out keep Δ = 0
+            if name not in pairs and name not in dropped:
+                pairs[name] = _base_pair(base, name)
+        return _in_base_order(base, pairs)
+
+    def delta_rows(self, name, phi, start, stop):
+        return self.read(name, start, stop, phi.device) if name in self.ckpt else None
+
+
+class LoreDelta(DeltaSource):
+    """Δ from a LoRE-Adapter (a PEFT LoRA adapter folder written by `extract --energy/--rank`)."""
+
+    kind = "lore"
+
+    def __init__(self, folder: Path, manifest: dict | None):
+        self.adapter = PeftAdapter(folder)
+        self.folder = Path(folder)
+        self.manifest = manifest
+
+    def plan(self, base: Checkpoint) -> list[TensorPair]:
+        self.adapter.check_base(base, resolve=lambda n: base_name_for(base, n))
+        pairs = {name: _base_pair(base, name) for name in base.names}
+        for name, key in self.adapter.replacements.items():  # full tensors, maybe with added rows
+            pairs[name] = pair_tensor(base, name, tuple(self.adapter.ckpt.info(key).shape), self.adapter.source)
+        return _in_base_order(base, pairs)
+
+    def has(self, name: str) -> bool:
+        return name in self.adapter.targets()
+
+    def delta_rows(self, name, phi, start, stop):
+        return self.adapter.delta_rows(name, phi, start, stop)
+
+    def added_rows(self, name, start, stop, device):
+        key = self.adapter.replacements[name]
+        return to_device_f32(self.adapter.ckpt.read_rows(key, start, stop), device)
+
+    def record(self) -> dict:
+        return {"source": str(self.folder), "fingerprint": self.adapter.fingerprint(), "kind": self.kind}
+
+    def close(self) -> None:
+        self.adapter.close()
+
+
+def _base_pair(base: Checkpoint, name: str) -> TensorPair:
+    info = base.info(name)
+    return TensorPair(name, name, info.shape, info.shape[0] if info.shape else 1, info.dtype)
+
+
+def _in_base_order(base: Checkpoint, pairs: dict[str, TensorPair]) -> list[TensorPair]:
+    order = {n: i for i, n in enumerate(base.names)}
+    return [pairs[n] for n in sorted(pairs, key=lambda n: order.get(n, len(order)))]
+
+
+def open_readapter(folder: str | os.PathLike):
+    """A full RE-Adapter or a LoRE-Adapter folder, told apart by its files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such RE-Adapter folder")
+    manifest = read_manifest(folder)
+    if (folder / "adapter_config.json").is_file():
+        return LoreDelta(folder, manifest)
+    if manifest is None or manifest.get("kind") != "readapter":
+        raise CheckpointError(f"{folder}: not an RE-Adapter (no manifest.json of kind 'readapter')")
+    return FullDelta(folder, manifest)

@@ -1,0 +1,68 @@
+"""Shared pieces of the streaming passes: devices, dtypes, row blocks, progress."""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from .safetensors_reader import CheckpointError
+
+# Row blocks hold about this many float32 bytes per operand; a pass keeps a few
+# operands alive (base, other side, result), so the working set stays ~100 MB.
+DEFAULT_BLOCK_BYTES = 32 * 2**20
+
+DTYPE_CHOICES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`auto` picks the first CUDA device when there is one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available (use --device cpu)")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPE_CHOICES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}") from None
+
+
+def row_blocks(rows: int, row_numel: int, block_bytes: int, split_at: int | None = None) -> Iterator[tuple[int, int]]:
+    """[start, stop) row ranges of about `block_bytes` float32 bytes; none crosses `split_at`."""
+    step = max(1, block_bytes // max(1, row_numel * 4))
+    for lo, hi in ((0, rows if split_at is None else split_at), (split_at, rows)):
+        if lo is None:
+            break
+        for start in range(lo, hi, step):
+            yield start, min(start + step, hi)
+
+
+def check_finite(block: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(block).all():
+        raise FloatingPointError(f"NaN/Inf produced in tensor {name!r} (check the inputs)")
+
+
+def progress(total: int, desc: str, quiet: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=quiet, leave=False)
+
+
+def to_device_f32(block: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Block on `device` in float32 (one copy: the dtype change happens on the device)."""
+    return block.to(device, non_blocking=False).to(torch.float32)
+
+
+__all__ = ["CheckpointError", "DEFAULT_BLOCK_BYTES", "resolve_device", "resolve_dtype", "row_blocks"]

@@ -1,0 +1,251 @@
+"""Streaming safetensors writers: tensors are appended as they are produced.
+
+safetensors cannot write incrementally, but the format is simple: 8-byte
+header length, JSON header, raw bytes. `SafetensorsShardWriter` reserves room for
+the header (sized from the tensor names it will hold), appends each tensor's rows
+as they come, then writes the real header padded with spaces (allowed by the
+format) into the reserved room. `CheckpointWriter` spreads a planned list of
+tensors over shards named the Hugging Face way and writes the index.
+Callers write into an `OutputFolder`, which renames into place only on success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .safetensors_reader import DTYPE_NAMES
+
+# Worst case of one header entry beyond its name: dtype, 4 dims and 2 offsets of 20 digits.
+_ENTRY_SLACK = len('"":{"dtype":"F8_E4M3","shape":[],"data_offsets":[,]},') + 4 * 21 + 2 * 20
+
+
+def _tensor_bytes(block: torch.Tensor) -> memoryview:
+    flat = block.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class SafetensorsShardWriter:
+    """Writes one .safetensors file tensor by tensor, rows appended in order.
+
+    Example:
+        >>> with SafetensorsShardWriter(path, ["w"], {"format": "pt"}) as w:
+        ...     w.begin("w", torch.float32, (4, 3)); w.write(rows_0_2); w.write(rows_2_4); w.end()
+    """
+
+    def __init__(self, path: str | os.PathLike, names: Iterable[str], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        names = list(names)
+        meta_len = len(json.dumps({"__metadata__": self.metadata}))
+        reserve = meta_len + sum(len(json.dumps(n)) + _ENTRY_SLACK for n in names) + 16
+        self._reserved = reserve + (-(8 + reserve)) % 8  # data starts 8-byte aligned
+        self._fh = open(self.path, "wb")
+        self._fh.seek(8 + self._reserved)
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
+        self._current: tuple[str, int] | None = None  # (name, bytes still expected)
+
+    def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        assert self._current is None, "previous tensor not ended"
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        self._entries[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [self._offset, self._offset + nbytes],
+        }
+        self._dtype = dtype
+        self._current = (name, nbytes)
+
+    def write(self, block: torch.Tensor) -> None:
+        """Append the next rows of the current tensor (in its declared dtype)."""
+        name, left = self._current
+        if block.dtype != self._dtype:
+            raise TypeError(f"{name}: block dtype {block.dtype} != declared {self._dtype}")
+        data = _tensor_bytes(block.cpu() if block.device.type != "cpu" else block)
+        if len(data) > left:
+            raise ValueError(f"{name}: more bytes written than its shape holds")
+        self._fh.write(data)
+        self._offset += len(data)
+        self._current = (name, left - len(data))
+
+    def end(self) -> None:
+        name, left = self._current
+        if left != 0:
+            raise ValueError(f"{name}: {left} bytes short of its declared shape")
+        self._current = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole (small) tensor."""
+        self.begin(name, tensor.dtype, tuple(tensor.shape))
+        self.write(tensor)
+        self.end()
+
+    def finalize(self) -> int:
+        """Write the header into its reserved room; returns the data bytes written."""
+        assert self._current is None, "tensor left open"
+        header = dict(self._entries)
+        header["__metadata__"] = self.metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) > self._reserved:
+            raise ValueError(f"{self.path}: header larger than reserved ({len(raw)} > {self._reserved})")
+        raw += b" " * (self._reserved - len(raw))
+        self._fh.seek(0)
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        return self._offset
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def __enter__(self) -> "SafetensorsShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.close()
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor known before it is computed (shape may be an upper bound)."""
+
+    name: str
+    nbytes: int
+
+
+def shards_by_size(plan: list[PlannedTensor], max_bytes: int) -> list[list[str]]:
+    """Consecutive groups of at most `max_bytes` (a larger tensor gets a shard of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for t in plan:
+        if groups[-1] and size + t.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t.name)
+        size += t.nbytes
+    return [g for g in groups if g]
+
+
+def shards_like(plan: list[PlannedTensor], weight_map: dict[str, str]) -> list[list[str]]:
+    """Group like a reference checkpoint's weight_map; unknown names join the previous group."""
+    order: dict[str, list[str]] = {}
+    last = None
+    for t in plan:
+        last = weight_map.get(t.name, last)
+        order.setdefault(last, []).append(t.name)
+    return list(order.values())
+
+
+def shard_file_names(prefix: str, count: int) -> list[str]:
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class CheckpointWriter:
+    """Writes planned tensors, in order, into Hugging Face-named shards plus an index.
+
+    `groups` fixes which tensors share a shard; tensors must be written in the
+    order of the flattened groups. Only one shard file is open at a time.
+    """
+
+    def __init__(self, folder: Path, groups: list[list[str]], *, prefix: str = "model", metadata=None):
+        self.folder = Path(folder)
+        self.groups = groups
+        self.files = shard_file_names(prefix, len(groups))
+        self.prefix = prefix
+        self.metadata = metadata or {}
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self._order = [(name, gi) for gi, g in enumerate(groups) for name in g]
+        self._next = 0
+        self._shard: SafetensorsShardWriter | None = None
+        self._shard_index = -1
+
+    def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        expected, group = self._order[self._next]
+        assert name == expected, f"writing {name} but the plan expects {expected}"
+        if group != self._shard_index:
+            self._close_shard()
+            self._shard_index = group
+            path = self.folder / self.files[group]
+            self._shard = SafetensorsShardWriter(path, self.groups[group], self.metadata)
+        self._shard.begin(name, dtype, shape)
+        self.weight_map[name] = self.files[group]
+        self._next += 1
+
+    def write(self, block: torch.Tensor) -> None:
+        self._shard.write(block)
+
+    def end(self) -> None:
+        self._shard.end()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.begin(name, tensor.dtype, tuple(tensor.shape))
+        self.write(tensor)
+        self.end()
+
+    def _close_shard(self) -> None:
+        if self._shard is not None:
+            self.total_size += self._shard.finalize()
+            self._shard = None
+
+    def finalize(self) -> dict[str, str]:
+        assert self._next == len(self._order), "not every planned tensor was written"
+        self._close_shard()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            with open(self.folder / f"{self.prefix}.safetensors.index.json", "w") as fh:
+                json.dump(index, fh, indent=2)
+        return self.weight_map
+
+    def abort(self) -> None:
+        if self._shard is not None:
+            self._shard.close()
+
+
+class OutputFolder:
+    """Build an output in a hidden sibling folder; rename it into place only when complete.
+
+    A failure (bad input, NaN, full disk, Ctrl-C) removes the partial folder, so
+    nothing that looks finished is ever left where the output belongs.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"{self.path}: exists and is not a folder")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{self.path}: output folder is not empty (pass --overwrite to replace it)")
+        self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+        if self.path.exists():
+            os.rename(self.path, old)
+        os.rename(self.tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
