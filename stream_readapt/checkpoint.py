@@ -52,6 +52,7 @@ class Checkpoint:
         self.files = {f.path.name: f for f in files}
         self.weight_map = weight_map  # tensor name -> shard file name, in shard order
         self.source = str(folder)
+        self._names: list[str] | None = None
 
     @classmethod
     def open(cls, path_or_id: str | os.PathLike, *, revision: str | None = None) -> "Checkpoint":
@@ -104,7 +105,11 @@ class Checkpoint:
     # -- queries ---------------------------------------------------------------
     @property
     def names(self) -> list[str]:
-        return list(self.weight_map)
+        """Tensor names in storage order (shard file, then offset): reads stay sequential."""
+        if self._names is None:
+            key = lambda n: (self.weight_map[n], self.info(n).start)
+            self._names = sorted(self.weight_map, key=key)
+        return self._names
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map

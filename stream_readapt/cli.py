@@ -122,7 +122,7 @@ def _run(args) -> dict | str:
         return inspect_paths(args.paths, tensors=args.tensors, plot=args.plot)
     from .demo import run_demo
 
-    return run_demo(args.dir, quiet=args.quiet or args.json)
+    return run_demo(args.dir)
 
 
 def main(argv: list[str] | None = None) -> int:

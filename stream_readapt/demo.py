@@ -112,7 +112,7 @@ def max_error(folder: Path, expected: dict) -> float:
         return max(float((ckpt.read(n).double() - t.to(ckpt.info(n).dtype).double()).abs().max()) for n, t in expected.items())
 
 
-def run_demo(workdir: str | None = None, quiet: bool = True) -> dict:
+def run_demo(workdir: str | None = None, quiet: bool = True) -> dict:  # noqa: C901 - a script, read top to bottom
     """Run the pipeline in `workdir` (a temporary folder if None); returns what was done."""
     from .extract import extract
     from .merge import merge
@@ -166,6 +166,9 @@ def _try_transformers(folder: Path) -> str:
         from transformers import AutoModelForCausalLM
     except ImportError:
         return "transformers not installed: skipped loading the merged model"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     logits = model(torch.tensor([[1, 5, 7, VOCAB + 1]])).logits
     return f"transformers loads the merged model: logits {list(logits.shape)}, finite: {bool(torch.isfinite(logits).all())}"

@@ -201,20 +201,31 @@ def _frobenius_energy(A: torch.Tensor) -> float:
 
 
 def _grow_basis(A, total, target, max_basis, block, oversample, power_iters, gen):
-    """Orthonormal Q [m, q] and B = QᵀA [q, n], grown until QᵀA holds target·total
-    (target None: until max_basis columns)."""
+    """Orthonormal Q [m, q] and B = QᵀA [q, n]; grown to max_basis columns for a fixed
+    rank, or for an energy target until QᵀA holds target·total and q ≥ _settled_basis."""
     m, n = A.shape
     Q, B = A.new_empty((m, 0)), A.new_empty((0, n))
     captured = 0.0
-    while Q.shape[1] < max_basis:
-        Qi = _range_block(A, Q, min(block, max_basis - Q.shape[1]), power_iters, gen)
+    want = max_basis
+    while Q.shape[1] < want:
+        Qi = _range_block(A, Q, min(block, want - Q.shape[1]), power_iters, gen)
         Bi = Qi.mT @ A  # only the new rows of B
         Q, B = torch.cat([Q, Qi], 1), torch.cat([B, Bi], 0)
         captured += float(torch.linalg.vector_norm(Bi, dtype=torch.float64) ** 2)
         logger.debug("basis %d/%d, residual energy %.3e", Q.shape[1], max_basis, total - captured)
         if target is not None and total - captured <= (1.0 - target) * total:
-            break
+            want = min(max_basis, _settled_basis(B, total, target, oversample))
     return Q, B
+
+
+def _settled_basis(B, total, target, oversample):
+    """Basis size at which the top-k̂ estimate is trustworthy: k̂·(1 + MARGIN) + oversample."""
+    sq = torch.linalg.eigvalsh((B @ B.mT).double()).flip(0).clamp_min(0)
+    k = rank_for_energy(sq.sqrt(), target, total_energy=total)
+    return int(math.ceil(k * (1.0 + MARGIN))) + oversample
+
+
+MARGIN = 0.5
 
 
 def _range_block(A, Q, b, power_iters, gen):

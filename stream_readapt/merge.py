@@ -174,6 +174,10 @@ def _merge_block(pair, phi, delta, psi, alpha, beta, dev, start, stop, used) -> 
 def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPair]) -> None:
     """Config, generation config and tokenizer from the instruct side (else the base)."""
     copied = copy_side_files(delta.folder, tmp)
+    recorded = (delta.manifest or {}).get("instruct_config")
+    if "config.json" not in copied and recorded:  # a LoRE-Adapter keeps Θ's config in its manifest
+        (tmp / "config.json").write_text(json.dumps(recorded, indent=2))
+        copied.append("config.json")
     if "config.json" not in copied:
         copy_side_files(phi.folder, tmp, skip=tuple(copied))
     config_path = tmp / "config.json"

@@ -142,13 +142,14 @@ def shards_by_size(plan: list[PlannedTensor], max_bytes: int) -> list[list[str]]
 
 
 def shards_like(plan: list[PlannedTensor], weight_map: dict[str, str]) -> list[list[str]]:
-    """Group like a reference checkpoint's weight_map; unknown names join the previous group."""
-    order: dict[str, list[str]] = {}
+    """Group like a reference checkpoint's weight_map (its files in name order); names it
+    lacks join the group of the tensor planned before them."""
+    groups: dict[str, list[str]] = {}
     last = None
     for t in plan:
         last = weight_map.get(t.name, last)
-        order.setdefault(last, []).append(t.name)
-    return list(order.values())
+        groups.setdefault(last, []).append(t.name)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k is None, k or ""))]
 
 
 def shard_file_names(prefix: str, count: int) -> list[str]:

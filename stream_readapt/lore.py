@@ -1,0 +1,308 @@
+"""LoRE-Adapt: the RE-Adapter truncated per matrix, written as a PEFT LoRA adapter.
+
+For every selected 2-D weight, Δ = Θ − Φ is assembled on the device from row
+blocks and decomposed by our randomized SVD (`lowrank.randomized_svd`), keeping
+the fewest directions that explain a share τ of ‖Δ‖_F² (or a fixed rank, or a
+relative-error target). The factors are split evenly, B = U·√S and A = √S·Vᵀ,
+with lora_alpha = r per module (scaling 1), so `PeftModel.from_pretrained(base, dir)`
+turns the base into an approximation of the instruct model.
+Tensors that stay full (norms, embeddings unless `embeddings="lora"`, tensors with
+added vocabulary) are saved as PEFT `modules_to_save` holding Θ; biases as
+`bias="all"` entries holding Θ's bias.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .lowrank import LowRankFactors, randomized_svd
+from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
+from .plan import EMBED_NAMES, LM_HEAD, TensorPair, plan_pairs, select
+from .streaming import check_finite, progress, resolve_device, resolve_dtype, row_blocks, to_device_f32, DEFAULT_BLOCK_BYTES
+from .writer import OutputFolder, SafetensorsShardWriter
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "base_model.model."
+SERVING_RANK_LIMITS = (64, 128, 256)  # common max_lora_rank settings (vLLM accepts at most 256 by default builds)
+SPECTRUM_POINTS = 256  # explained-variance points kept per module in the manifest (for plots)
+
+
+@dataclass(frozen=True)
+class Target:
+    """How one instruct tensor goes into the adapter."""
+
+    pair: TensorPair
+    role: str  # "lora", "embedding" (lora_embedding_A/B), "full" (modules_to_save), "bias"
+
+    @property
+    def module(self) -> str:
+        return self.pair.name.rsplit(".", 1)[0]
+
+
+def classify(pairs: list[TensorPair], chosen: set[str], embeddings: str) -> list[Target]:
+    targets = []
+    for p in pairs:
+        if p.name not in chosen:
+            continue
+        is_vocab = p.name in EMBED_NAMES or p.name == LM_HEAD
+        if p.name.endswith(".bias"):
+            role = "bias"
+        elif len(p.shape) != 2 or p.added_rows or (is_vocab and embeddings != "lora"):
+            role = "full"
+        elif p.name in EMBED_NAMES:
+            role = "embedding"
+        else:
+            role = "lora"
+        targets.append(Target(p, role))
+    return targets
+
+
+def adapter_keys(targets: list[Target]) -> list[str]:
+    """Every tensor name the adapter file will hold (to reserve its header)."""
+    lora_modules = {t.module for t in targets if t.role in ("lora", "embedding")}
+    keys = []
+    for t in targets:
+        if t.role == "lora":
+            keys += [f"{PREFIX}{t.module}.lora_A.weight", f"{PREFIX}{t.module}.lora_B.weight"]
+        elif t.role == "embedding":
+            keys += [f"{PREFIX}{t.module}.lora_embedding_A", f"{PREFIX}{t.module}.lora_embedding_B"]
+        else:
+            keys.append(_full_key(t, lora_modules))
+    return keys
+
+
+def _full_key(t: Target, lora_modules: set[str]) -> str:
+    # A LoRA-wrapped module keeps its original parameters under `base_layer`.
+    if t.module in lora_modules:
+        return f"{PREFIX}{t.module}.base_layer.{t.pair.name.rsplit('.', 1)[1]}"
+    return PREFIX + t.pair.name
+
+
+def extract_lore(
+    base, instruct, output, *, energy=None, rank=None, max_error=None, max_rank=None, embeddings="full",
+    seed=0, dtype=None, device="auto", include=None, exclude=None, revision=None, overwrite=False,
+    quiet=True, block_bytes=DEFAULT_BLOCK_BYTES, power_iters=None, max_shard_size=None,
+) -> dict:
+    """Write the LoRE-Adapter of `instruct` over `base` to `output`; returns its manifest.
+
+    Exactly one of `energy` (τ, the paper's 0.5), `rank` or `max_error` picks each
+    matrix's rank; `max_rank` caps it. See `stream_readapt.extract` for the rest.
+    """
+    if sum(x is not None for x in (energy, rank, max_error)) != 1:
+        raise ValueError("give exactly one of energy=, rank= or max_error=")
+    if embeddings not in ("full", "lora"):
+        raise ValueError(f"embeddings must be 'full' or 'lora', not {embeddings!r}")
+    out_folder = OutputFolder(output, overwrite=overwrite)
+    dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
+    svd_options = dict(energy=energy, rank=rank, max_error=max_error, max_rank=max_rank, seed=seed)
+    if power_iters is not None:
+        svd_options["power_iters"] = power_iters
+    with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
+        pairs = plan_pairs(phi, theta)
+        targets = classify(pairs, select([p.name for p in pairs], include, exclude), embeddings)
+        manifest = new_manifest(
+            "lore-adapter",
+            inputs={"base": input_record(phi), "instruct": input_record(theta)},
+            energy=energy, rank=rank, max_error=max_error, max_rank=max_rank, seed=seed, embeddings=embeddings,
+            dtype=str(out_dtype).replace("torch.", "") if out_dtype else "inputs",
+            instruct_config=theta.config,
+        )
+        with out_folder as tmp:
+            writer = SafetensorsShardWriter(tmp / "adapter_model.safetensors", adapter_keys(targets), safetensors_metadata(manifest))
+            try:
+                modules = _write_targets(writer, targets, phi, theta, out_dtype, dev, svd_options, block_bytes, quiet)
+                writer.finalize()
+            finally:
+                writer.close()
+            manifest["modules"] = modules
+            manifest["serving"] = serving_report(modules)
+            _write_adapter_config(tmp, targets, modules, phi.source)
+            copy_side_files(theta.folder, tmp, skip=("config.json",))
+            write_manifest(tmp, manifest)
+    manifest["output"] = str(output)
+    return manifest
+
+
+def _write_targets(writer, targets, phi, theta, out_dtype, dev, svd_options, block_bytes, quiet) -> dict:
+    lora_modules = {t.module for t in targets if t.role in ("lora", "embedding")}
+    modules = {}
+    bar = progress(sum(math.prod(t.pair.shape) for t in targets), "lore", quiet)
+    try:
+        for t in targets:
+            dtype = out_dtype or theta.info(t.pair.name).dtype
+            if t.role in ("lora", "embedding"):
+                modules[t.module] = _write_lowrank(writer, t, phi, theta, dtype, dev, svd_options, block_bytes)
+            else:
+                _write_full(writer, t, _full_key(t, lora_modules), theta, dtype, block_bytes)
+                modules.setdefault(t.module, {"kind": "full", "shape": list(t.pair.shape)})
+            bar.update(math.prod(t.pair.shape))
+    finally:
+        bar.close()
+    return modules
+
+
+def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes: int) -> torch.Tensor:
+    """Δ of one weight as a float32 matrix on the device, filled a row block at a time."""
+    rows, cols = t.pair.shape
+    delta = torch.empty(rows, cols, dtype=torch.float32, device=dev)
+    for start, stop in row_blocks(rows, cols, block_bytes):
+        block = to_device_f32(theta.read_rows(t.pair.name, start, stop), dev)
+        delta[start:stop] = block.sub_(to_device_f32(phi.read_rows(t.pair.base, start, stop), dev))
+    check_finite(delta, t.pair.name)
+    return delta
+
+
+def _write_lowrank(writer, t: Target, phi, theta, dtype, dev, svd_options, block_bytes) -> dict:
+    delta = delta_matrix(t, phi, theta, dev, block_bytes)
+    f = randomized_svd(delta, **svd_options)
+    del delta
+    root = f.S.sqrt()
+    B, A = f.U * root, root[:, None] * f.Vh  # Δ ≈ B·A, split evenly so neither factor is tiny
+    if t.role == "embedding":  # PEFT's embedding delta is (B·A)ᵀ: store the transposed factors
+        writer.add(f"{PREFIX}{t.module}.lora_embedding_A", B.T.contiguous().to(dtype).cpu())
+        writer.add(f"{PREFIX}{t.module}.lora_embedding_B", A.T.contiguous().to(dtype).cpu())
+    else:
+        writer.add(f"{PREFIX}{t.module}.lora_A.weight", A.to(dtype).cpu())
+        writer.add(f"{PREFIX}{t.module}.lora_B.weight", B.to(dtype).cpu())
+    return module_record(t, f)
+
+
+def module_record(t: Target, f: LowRankFactors) -> dict:
+    energy = f.spectrum.double().square().cumsum(0) / f.total_energy if f.total_energy else f.spectrum.double() * 0
+    step = max(1, math.ceil(len(energy) / SPECTRUM_POINTS))
+    return {
+        "kind": t.role,
+        "shape": list(t.pair.shape),
+        "rank": f.rank,
+        "energy": round(f.captured_energy, 6),
+        "rel_error": round(f.relative_error, 6),
+        "explained_variance": [round(float(v), 5) for v in energy[::step]],
+        "explained_variance_step": step,
+    }
+
+
+def _write_full(writer, t: Target, key: str, theta: Checkpoint, dtype, block_bytes: int) -> None:
+    shape = t.pair.shape
+    writer.begin(key, dtype, shape)
+    rows = shape[0] if shape else 1
+    for start, stop in row_blocks(rows, math.prod(shape[1:]), block_bytes):
+        block = theta.read_rows(t.pair.name, start, stop)
+        check_finite(block, t.pair.name)
+        writer.write(block.to(dtype))
+    writer.end()
+
+
+def _write_adapter_config(folder: Path, targets: list[Target], modules: dict, base_source: str) -> None:
+    low = [t.module for t in targets if t.role in ("lora", "embedding")]
+    ranks = {m: modules[m]["rank"] for m in low}
+    default_r = max(ranks.values(), default=1)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_source,
+        "r": default_r,
+        "lora_alpha": default_r,
+        "rank_pattern": {m: r for m, r in ranks.items() if r != default_r},
+        "alpha_pattern": {m: r for m, r in ranks.items() if r != default_r},
+        "target_modules": low,
+        "modules_to_save": sorted({t.module for t in targets if t.role == "full"}) or None,
+        "bias": "all" if any(t.role == "bias" for t in targets) else "none",
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def serving_report(modules: dict) -> dict:
+    """Which modules exceed common serving rank limits (e.g. vLLM's max_lora_rank)."""
+    ranks = {m: r["rank"] for m, r in modules.items() if "rank" in r}
+    report = {"max_rank": max(ranks.values(), default=0)}
+    for limit in SERVING_RANK_LIMITS:
+        over = sorted(m for m, r in ranks.items() if r > limit)
+        report[f"over_{limit}"] = over
+    over = report.get(f"over_{SERVING_RANK_LIMITS[0]}", [])
+    if over:
+        worst = max(ranks, key=ranks.get)
+        logger.warning(
+            "%d modules have rank > %d (max %d in %s); servers with a lower max_lora_rank "
+            "(vLLM: 16 by default, at most 256 in common builds) will refuse this adapter: %s",
+            len(over), SERVING_RANK_LIMITS[0], ranks[worst], worst, ", ".join(over[:5]) + (" ..." if len(over) > 5 else ""),
+        )
+    return report
+
+
+def module_type(module: str) -> str:
+    """`model.layers.3.self_attn.q_proj` -> `self_attn.q_proj`."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if len(parts) > 2 and parts[-3].isdigit() else module
+
+
+def summarize_modules(modules: dict) -> dict:
+    """Ranks, energy and errors per module type (mean / min / max)."""
+    groups: dict[str, list[dict]] = {}
+    for name, rec in modules.items():
+        if "rank" in rec:
+            groups.setdefault(module_type(name), []).append(rec)
+    out = {}
+    for kind, recs in sorted(groups.items()):
+        ranks = [r["rank"] for r in recs]
+        out[kind] = {
+            "modules": len(recs),
+            "rank_mean": sum(ranks) / len(ranks), "rank_min": min(ranks), "rank_max": max(ranks),
+            "energy_mean": sum(r["energy"] for r in recs) / len(recs),
+            "rel_error_mean": sum(r["rel_error"] for r in recs) / len(recs),
+        }
+    return out
+
+
+def format_module_summary(summary: dict) -> list[str]:
+    lines = [f"  {'module type':<22} {'n':>4} {'rank mean':>9} {'min':>5} {'max':>5} {'energy':>7} {'rel err':>7}"]
+    for kind, s in summary.items():
+        lines.append(
+            f"  {kind:<22} {s['modules']:>4} {s['rank_mean']:>9.1f} {s['rank_min']:>5} {s['rank_max']:>5} "
+            f"{s['energy_mean']:>7.3f} {s['rel_error_mean']:>7.3f}"
+        )
+    return lines
+
+
+def plot_spectra(folders: list[Path], path: str | os.PathLike) -> None:
+    """Explained-variance curves per module with the chosen ranks marked (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'stream-readapt[plot]'") from None
+    from .manifest import read_manifest
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for folder in folders:
+        modules = (read_manifest(folder) or {}).get("modules") or {}
+        for name, rec in modules.items():
+            if "explained_variance" not in rec:
+                continue
+            xs = [(i + 1) * rec["explained_variance_step"] for i in range(len(rec["explained_variance"]))]
+            (line,) = ax.plot(xs, rec["explained_variance"], lw=0.8, alpha=0.6)
+            ax.plot([rec["rank"]], [rec["energy"]], "o", ms=3, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("explained variance Σσ²(≤k) / ‖Δ‖²")
+    ax.set_title("LoRE-Adapter spectra (dots: chosen ranks)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
