@@ -1,0 +1,270 @@
+"""Readapt a loaded model live: swap its layers for fused Ω = Φ + α·Ψ + β·Δ layers.
+
+`patch_model` reads Δ (a full RE-Adapter or a LoRE-Adapter) and Ψ (a PEFT
+LoRA/rsLoRA/DoRA adapter) from disk and replaces the matching `nn.Linear` and
+`nn.Embedding` layers of a transformers base model; `set_scales` changes α and β
+without reloading. Linear layers run the Triton kernels of
+`stream_readapt.kernels.readapt_linear` on CUDA (their PyTorch references on the
+CPU); the merged weight is never materialized. Other parameters (norms, biases)
+are small and are recomputed from Φ, Δ and Ψ when the scales change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels.readapt_linear import fold_lowrank, readapt_linear_full, readapt_linear_lowrank
+from .peft_adapter import PeftAdapter
+from .sources import FullDelta, LoreDelta, open_readapter
+
+
+@dataclass
+class Terms:
+    """What one parameter gets on top of Φ: low-rank factors and full tensors, per scale."""
+
+    lore: tuple[torch.Tensor, torch.Tensor] | None = None  # Δ ≈ U·Vᵀ: U [N, k], V [K, k]
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None  # Ψ = s·B·A: (A [r, K], B [N, r], s)
+    magnitude: torch.Tensor | None = None  # DoRA m [N]
+    full: dict[str, torch.Tensor] = field(default_factory=dict)  # {"beta": Δ, "alpha": Ψ} full tensors
+
+
+class ReadaptLinear(nn.Module):
+    """y = x·Φᵀ + α·Ψ(x) + β·Δ(x) [+ bias], fused; α and β are live."""
+
+    def __init__(self, base: nn.Linear, weight_terms: Terms, bias_terms: Terms | None):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias  # Φ, under nn.Linear's names
+        self.terms, self.bias_terms = weight_terms, bias_terms
+        self.dora_scale = self._dora_scale() if weight_terms.magnitude is not None else None
+        self.set_scales(0.5, 0.5)
+
+    def _dora_scale(self) -> torch.Tensor:
+        """c = m / ‖Φ + s·B·A‖_row, once at load (PEFT detaches the norm the same way)."""
+        A, B, s = self.terms.lora
+        merged = self.weight.float() + s * (B.float() @ A.float())
+        return self.terms.magnitude.float() / torch.linalg.vector_norm(merged, dim=1)
+
+    def set_scales(self, alpha: float, beta: float) -> None:
+        t = self.terms
+        U, V = t.lore if t.lore else (None, None)
+        A, B, s = t.lora if t.lora else (None, None, 1.0)
+        self.down, self.up, self.row_scale = fold_lowrank(
+            U, None, V, A, B, s, alpha=alpha, beta=beta, magnitude_scale=self.dora_scale, dtype=self.weight.dtype
+        )
+        self.delta = _combine(t.full, alpha, beta, self.weight.dtype)
+        self.bias_eff = _combined_bias(self.bias, self.bias_terms, alpha, beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        row_scale = None if self.row_scale is None else self.row_scale.to(x.device)
+        if self.delta is not None:
+            return readapt_linear_full(x, self.weight, self.delta, 1.0, bias=self.bias_eff, row_scale=row_scale, down=self.down, up=self.up)
+        if self.down is None:  # only bias terms
+            return F.linear(x, self.weight, self.bias_eff)
+        return readapt_linear_lowrank(x, self.weight, self.down, self.up, bias=self.bias_eff, row_scale=row_scale)
+
+
+class ReadaptEmbedding(nn.Module):
+    """Embedding lookup of Φ + α·Ψ + β·Δ, row by row: the merged table is never built."""
+
+    def __init__(self, base: nn.Embedding, terms: Terms):
+        super().__init__()
+        self.weight, self.padding_idx, self.terms = base.weight, base.padding_idx, terms
+        self.set_scales(0.5, 0.5)
+
+    def set_scales(self, alpha: float, beta: float) -> None:
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.weight).float()
+        for scale_name, full in self.terms.full.items():
+            out += getattr(self, scale_name) * F.embedding(ids, full).float()
+        if self.terms.lore is not None:  # Δ rows = U[ids]·Vᵀ
+            U, V = self.terms.lore
+            out += self.beta * F.embedding(ids, U).float() @ V.float().T
+        if self.terms.lora is not None:  # Ψ rows = s·B[ids]·A (factors already in row orientation)
+            A, B, s = self.terms.lora
+            out += (self.alpha * s) * F.embedding(ids, B).float() @ A.float()
+        return out.to(self.weight.dtype)
+
+
+def _combine(full: dict[str, torch.Tensor], alpha: float, beta: float, dtype) -> torch.Tensor | None:
+    if not full:
+        return None
+    scales = {"alpha": alpha, "beta": beta}
+    return sum(scales[k] * v.float() for k, v in full.items()).to(dtype)
+
+
+def _combined_bias(base_bias, terms: Terms | None, alpha: float, beta: float):
+    if terms is None or not terms.full:
+        return None if base_bias is None else base_bias.detach()
+    extra = _combine(terms.full, alpha, beta, torch.float32)
+    start = base_bias.float() if base_bias is not None else 0
+    return (start + extra).to(extra.dtype if base_bias is None else base_bias.dtype)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _lowrank_terms(adapter: PeftAdapter, device, *, as_lore: bool) -> dict[str, Terms]:
+    """Terms per base tensor name from a PEFT adapter (a LoRE-Adapter is a LoRA with scale 1)."""
+    terms: dict[str, Terms] = {}
+    scale = "beta" if as_lore else "alpha"
+    for mod in adapter.modules.values():
+        load = lambda k: adapter.ckpt.read(k).to(device)
+        A, B = load(mod.A), load(mod.B)
+        t = terms.setdefault(mod.target, Terms())
+        if mod.embedding:  # stored as [r, vocab] / [dim, r]: the delta is (B·A)ᵀ = Aᵀ·Bᵀ
+            A, B = B.T.contiguous(), A.T.contiguous()  # now rows = B·A, as for a Linear
+        if as_lore:
+            t.lore = (B * mod.scale, A.T.contiguous())
+        else:
+            t.lora = (A, B, mod.scale)
+            t.magnitude = None if mod.magnitude is None else load(mod.magnitude)
+        if mod.bias:
+            terms.setdefault(f"{mod.module}.bias", Terms()).full[scale] = load(mod.bias) * mod.scale
+    return terms
+
+
+def _full_terms(names, read, base_params: dict[str, torch.Tensor], scale: str, into: dict[str, Terms]) -> None:
+    """Full deltas: `read(name)` is Δ itself (scale "beta" of a full RE-Adapter) or a saved weight."""
+    for name in names:
+        if name not in base_params:
+            continue
+        phi = base_params[name]
+        value = read(name).to(phi.device, torch.float32)
+        rows = phi.shape[0] if phi.dim() else 1
+        into.setdefault(name, Terms()).full[scale] = value[:rows].to(phi.dtype)  # added rows: see patch_model
+
+
+def load_terms(model: nn.Module, readapter=None, knowledge=None) -> dict[str, Terms]:
+    """Everything the readapter (Δ, scale β) and the knowledge adapter (Ψ, scale α) add, per parameter."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    device = next(model.parameters()).device
+    terms: dict[str, Terms] = {}
+    if readapter is not None:
+        delta = open_readapter(readapter)
+        if isinstance(delta, FullDelta):
+            _full_terms(delta.ckpt.names, delta.ckpt.read, params, "beta", terms)
+        else:
+            _merge_terms(terms, _lowrank_terms(delta.adapter, device, as_lore=True))
+            _replacement_terms(delta.adapter, params, "beta", terms)
+        delta.close()
+    if knowledge is not None:
+        psi = PeftAdapter(knowledge)
+        _merge_terms(terms, _lowrank_terms(psi, device, as_lore=False))
+        _replacement_terms(psi, params, "alpha", terms)
+        psi.close()
+    return terms
+
+
+def _replacement_terms(adapter: PeftAdapter, params, scale: str, into: dict[str, Terms]) -> None:
+    """modules_to_save / saved base layers hold full weights: their delta is saved − Φ."""
+    for name, key in adapter.replacements.items():
+        if name in params:
+            saved = adapter.ckpt.read(key).to(params[name].device, torch.float32)
+            phi = params[name].detach().float()
+            into.setdefault(name, Terms()).full[scale] = (saved[: phi.shape[0]] - phi).to(params[name].dtype)
+
+
+def _merge_terms(into: dict[str, Terms], new: dict[str, Terms]) -> None:
+    for name, t in new.items():
+        have = into.setdefault(name, Terms())
+        have.lore = have.lore or t.lore
+        have.lora = have.lora or t.lora
+        have.magnitude = have.magnitude if have.magnitude is not None else t.magnitude
+        have.full.update(t.full)
+
+
+# ----------------------------------------------------------------------------- patching
+
+
+def patch_model(
+    model: nn.Module,
+    readapter: str | os.PathLike | None = None,
+    knowledge: str | os.PathLike | None = None,
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+) -> nn.Module:
+    """Swap `model`'s layers for readapted ones (in place); returns the model.
+
+    Args:
+        model: a loaded transformers base model Φ (any dtype/device).
+        readapter: a full RE-Adapter or LoRE-Adapter folder from `extract` (Δ).
+        knowledge: a PEFT LoRA/rsLoRA/DoRA folder trained on the base (Ψ).
+        alpha, beta: initial scales; change them later with `set_scales`.
+
+    Rows the instruct model added to the vocabulary are not added here: the
+    patched model keeps the base vocabulary (merge a checkpoint to get them).
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained("base", dtype=torch.bfloat16, device_map="cuda")
+        >>> patch_model(model, readapter="lore", knowledge="lora")
+        >>> set_scales(model, alpha=0.3, beta=0.7)
+    """
+    terms = load_terms(model, readapter, knowledge)
+    _tie_lm_head(model, terms)
+    for name, module in list(model.named_modules()):
+        weight_terms = terms.get(f"{name}.weight")
+        bias_terms = terms.get(f"{name}.bias")
+        if isinstance(module, nn.Linear) and (weight_terms or bias_terms):
+            _replace(model, name, ReadaptLinear(module, weight_terms or Terms(), bias_terms))
+        elif isinstance(module, nn.Embedding) and weight_terms:
+            _replace(model, name, ReadaptEmbedding(module, weight_terms))
+    _patch_other_params(model, terms)
+    set_scales(model, alpha, beta)
+    return model
+
+
+def _tie_lm_head(model: nn.Module, terms: dict[str, Terms]) -> None:
+    """A tied lm_head reads the embedding: it gets the embedding's terms unless it has its own."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    if out is None or inp is None or id(out) not in names:
+        return
+    emb, head = f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"
+    if emb in terms and head not in terms:
+        terms[head] = terms[emb]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+class _ParamReadapter:
+    """Norm weights and other small parameters: Φ kept aside, the parameter rewritten per scale."""
+
+    def __init__(self, param: nn.Parameter, terms: Terms):
+        self.param, self.phi, self.terms = param, param.detach().clone(), terms
+
+    def set_scales(self, alpha: float, beta: float) -> None:
+        with torch.no_grad():
+            self.param.copy_(self.phi.float() + _combine(self.terms.full, alpha, beta, torch.float32))
+
+
+def _patch_other_params(model: nn.Module, terms: dict[str, Terms]) -> None:
+    handled = {id(p) for m in model.modules() if isinstance(m, (ReadaptLinear, ReadaptEmbedding)) for p in m.parameters()}
+    keepers = []
+    for name, param in model.named_parameters():
+        t = terms.get(name)
+        if t is not None and t.full and id(param) not in handled:
+            keepers.append(_ParamReadapter(param, t))
+    model._readapt_params = keepers  # a plain list: no new parameters or state_dict keys
+
+
+def set_scales(model: nn.Module, alpha: float, beta: float) -> None:
+    """Change α and β of a model patched by `patch_model`, without reloading anything."""
+    layers = [m for m in model.modules() if isinstance(m, (ReadaptLinear, ReadaptEmbedding))]
+    layers += getattr(model, "_readapt_params", [])
+    for layer in layers:
+        layer.set_scales(alpha, beta)
+    if not layers:
+        raise ValueError("model has no readapted layers: call patch_model first")

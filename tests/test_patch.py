@@ -1,0 +1,71 @@
+"""`patch_model` / `set_scales`: a live readapted model gives the merged checkpoint's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fixtures_models as fm
+from stream_readapt import extract, merge, patch_model, set_scales
+from stream_readapt.patch import ReadaptEmbedding, ReadaptLinear
+
+IDS = torch.tensor([[1, 5, 9, 42, 7, 299, 3, 17]])
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def run(model) -> torch.Tensor:
+    return model(input_ids=IDS).logits
+
+
+@pytest.fixture(scope="module")
+def readapters(llama_pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("readapters")
+    extract(llama_pair.base, llama_pair.instruct, root / "full", dtype="float32", device="cpu")
+    extract(llama_pair.base, llama_pair.instruct, root / "lore", energy=0.5, device="cpu")
+    extract(llama_pair.base, llama_pair.instruct, root / "lore-emb", rank=6, embeddings="lora", device="cpu")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["full", "lore", "lore-emb"])
+@pytest.mark.parametrize("adapter", ["lora", "dora", "rslora"])
+def test_patched_logits_equal_merged_checkpoint(llama_pair, readapters, request, tmp_path, kind, adapter):
+    knowledge = request.getfixturevalue(f"{adapter}_adapter")
+    merged = tmp_path / "merged"
+    merge(llama_pair.base, merged, readapter=readapters / kind, knowledge=knowledge, alpha=0.5, beta=0.5, device="cpu")
+    model = patch_model(load(llama_pair.base), readapter=readapters / kind, knowledge=knowledge, alpha=0.5, beta=0.5)
+    assert any(isinstance(m, ReadaptLinear) for m in model.modules())
+    torch.testing.assert_close(run(model), run(load(merged)), rtol=2e-4, atol=2e-4)
+
+
+def test_set_scales_is_live(llama_pair, readapters, dora_adapter, tmp_path):
+    model = patch_model(load(llama_pair.base), readapter=readapters / "lore", knowledge=dora_adapter)
+    for alpha, beta in ((0.0, 1.0), (1.0, 0.0), (0.3, 0.8)):
+        merge(llama_pair.base, tmp_path / f"m{alpha}{beta}", readapter=readapters / "lore", knowledge=dora_adapter,
+              alpha=alpha, beta=beta, device="cpu")
+        set_scales(model, alpha, beta)
+        torch.testing.assert_close(run(model), run(load(tmp_path / f"m{alpha}{beta}")), rtol=2e-4, atol=2e-4)
+    set_scales(model, 0.0, 0.0)
+    torch.testing.assert_close(run(model), run(load(llama_pair.base)), rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_lora_patches_embedding(llama_pair, readapters, rslora_adapter):
+    model = patch_model(load(llama_pair.base), readapter=readapters / "lore-emb", knowledge=rslora_adapter)
+    assert isinstance(model.get_input_embeddings(), ReadaptEmbedding)
+
+
+def test_tied_qwen_with_biases(qwen_tied_pair, qwen_lora_adapter, tmp_path):
+    extract(qwen_tied_pair.base, qwen_tied_pair.instruct, tmp_path / "lore", energy=0.9, device="cpu")
+    merge(qwen_tied_pair.base, tmp_path / "merged", readapter=tmp_path / "lore", knowledge=qwen_lora_adapter, device="cpu")
+    model = patch_model(load(qwen_tied_pair.base), readapter=tmp_path / "lore", knowledge=qwen_lora_adapter)
+    torch.testing.assert_close(run(model), run(load(tmp_path / "merged")), rtol=2e-4, atol=2e-4)
+
+
+def test_set_scales_needs_a_patched_model(llama_pair):
+    with pytest.raises(ValueError, match="patch_model first"):
+        set_scales(load(llama_pair.base), 0.5, 0.5)
