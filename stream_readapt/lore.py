@@ -25,7 +25,7 @@ import torch
 from .checkpoint import Checkpoint
 from .lowrank import LowRankFactors, randomized_svd
 from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
-from .plan import EMBED_NAMES, LM_HEAD, TensorPair, plan_pairs, select
+from .plan import EMBED_NAMES, LM_HEAD, TensorPair, plan_pairs, select, ties_embeddings
 from .streaming import check_finite, progress, resolve_device, resolve_dtype, row_blocks, to_device_f32, DEFAULT_BLOCK_BYTES
 from .writer import OutputFolder, SafetensorsShardWriter
 
@@ -42,6 +42,7 @@ class Target:
 
     pair: TensorPair
     role: str  # "lora", "embedding" (lora_embedding_A/B), "full" (modules_to_save), "bias"
+    source: str | None = None  # instruct tensor to read, when not pair.name (a tied lm_head)
 
     @property
     def module(self) -> str:
@@ -64,6 +65,16 @@ def classify(pairs: list[TensorPair], chosen: set[str], embeddings: str) -> list
             role = "lora"
         targets.append(Target(p, role))
     return targets
+
+
+def tied_head_copy(targets: list[Target], theta: Checkpoint) -> list[Target]:
+    """PEFT unties a tied lm_head from an embedding saved in modules_to_save unless
+    `ensure_weight_tying` is set, and then it expects an lm_head copy in the file."""
+    embed = next((t for t in targets if t.pair.name in EMBED_NAMES and t.role == "full"), None)
+    if embed is None or LM_HEAD in theta or not ties_embeddings(theta.config):
+        return []
+    head = TensorPair(LM_HEAD, embed.pair.base, embed.pair.shape, embed.pair.base_rows, embed.pair.dtype)
+    return [Target(head, "full", source=embed.pair.name)]
 
 
 def adapter_keys(targets: list[Target]) -> list[str]:
@@ -109,11 +120,14 @@ def extract_lore(
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
         pairs = plan_pairs(phi, theta)
         targets = classify(pairs, select([p.name for p in pairs], include, exclude), embeddings)
+        copies = tied_head_copy(targets, theta)
+        targets += copies
         manifest = new_manifest(
             "lore-adapter",
             inputs={"base": input_record(phi), "instruct": input_record(theta)},
             energy=energy, rank=rank, max_error=max_error, max_rank=max_rank, seed=seed, embeddings=embeddings,
             dtype=str(out_dtype).replace("torch.", "") if out_dtype else "inputs",
+            tied_copies=[t.pair.name for t in copies],
             instruct_config=theta.config,
         )
         with out_folder as tmp:
@@ -125,7 +139,7 @@ def extract_lore(
                 writer.close()
             manifest["modules"] = modules
             manifest["serving"] = serving_report(modules)
-            _write_adapter_config(tmp, targets, modules, phi.source)
+            _write_adapter_config(tmp, targets, modules, phi.source, bool(copies))
             copy_side_files(theta.folder, tmp, skip=("config.json",))
             write_manifest(tmp, manifest)
     manifest["output"] = str(output)
@@ -138,7 +152,7 @@ def _write_targets(writer, targets, phi, theta, out_dtype, dev, svd_options, blo
     bar = progress(sum(math.prod(t.pair.shape) for t in targets), "lore", quiet)
     try:
         for t in targets:
-            dtype = out_dtype or theta.info(t.pair.name).dtype
+            dtype = out_dtype or theta.info(t.source or t.pair.name).dtype
             if t.role in ("lora", "embedding"):
                 modules[t.module] = _write_lowrank(writer, t, phi, theta, dtype, dev, svd_options, block_bytes)
             else:
@@ -195,13 +209,13 @@ def _write_full(writer, t: Target, key: str, theta: Checkpoint, dtype, block_byt
     writer.begin(key, dtype, shape)
     rows = shape[0] if shape else 1
     for start, stop in row_blocks(rows, math.prod(shape[1:]), block_bytes):
-        block = theta.read_rows(t.pair.name, start, stop)
+        block = theta.read_rows(t.source or t.pair.name, start, stop)
         check_finite(block, t.pair.name)
         writer.write(block.to(dtype))
     writer.end()
 
 
-def _write_adapter_config(folder: Path, targets: list[Target], modules: dict, base_source: str) -> None:
+def _write_adapter_config(folder: Path, targets: list[Target], modules: dict, base_source: str, tied: bool) -> None:
     low = [t.module for t in targets if t.role in ("lora", "embedding")]
     ranks = {m: modules[m]["rank"] for m in low}
     default_r = max(ranks.values(), default=1)
@@ -222,6 +236,8 @@ def _write_adapter_config(folder: Path, targets: list[Target], modules: dict, ba
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
+        # A tied lm_head must follow the saved / adapted embedding (PEFT >= 0.18 honours this).
+        "ensure_weight_tying": tied,
     }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 

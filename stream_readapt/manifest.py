@@ -45,8 +45,9 @@ def input_record(ckpt) -> dict:
 
 
 def safetensors_metadata(manifest: dict) -> dict[str, str]:
-    """A compact copy of the manifest head (no per-tensor stats) for `__metadata__`."""
-    head = {k: v for k, v in manifest.items() if k not in ("tensors", "modules")}
+    """A compact copy of the manifest head for `__metadata__`: no per-tensor stats, and no
+    creation time, so the same inputs and seed give the same file, byte for byte."""
+    head = {k: v for k, v in manifest.items() if k not in ("tensors", "modules", "created", "instruct_config")}
     return {"format": "pt", METADATA_KEY: json.dumps(head, separators=(",", ":"))}
 
 

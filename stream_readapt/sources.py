@@ -102,7 +102,10 @@ class LoreDelta(DeltaSource):
     def plan(self, base: Checkpoint) -> list[TensorPair]:
         self.adapter.check_base(base, resolve=lambda n: base_name_for(base, n))
         pairs = {name: _base_pair(base, name) for name in base.names}
+        copies = set((self.manifest or {}).get("tied_copies", []))  # PEFT's tied lm_head copy: not ours
         for name, key in self.adapter.replacements.items():  # full tensors, maybe with added rows
+            if name in copies:
+                continue
             pairs[name] = pair_tensor(base, name, tuple(self.adapter.ckpt.info(key).shape), self.adapter.source)
         return _in_base_order(base, pairs)
 
