@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.readapt_linear import fold_lowrank, readapt_linear_full, readapt_linear_lowrank
+from .kernels.readapt_linear import (
+    fold_lowrank, readapt_linear_full, readapt_linear_full_ref, readapt_linear_lowrank, readapt_linear_lowrank_ref,
+)
 from .peft_adapter import PeftAdapter
 from .sources import FullDelta, LoreDelta, open_readapter
 
@@ -61,11 +63,13 @@ class ReadaptLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         row_scale = None if self.row_scale is None else self.row_scale.to(x.device)
+        # Triton kernels on CUDA; on the CPU their references (never the slow interpreter).
+        full, lowrank = (readapt_linear_full, readapt_linear_lowrank) if x.is_cuda else (readapt_linear_full_ref, readapt_linear_lowrank_ref)
         if self.delta is not None:
-            return readapt_linear_full(x, self.weight, self.delta, 1.0, bias=self.bias_eff, row_scale=row_scale, down=self.down, up=self.up)
+            return full(x, self.weight, self.delta, 1.0, bias=self.bias_eff, row_scale=row_scale, down=self.down, up=self.up)
         if self.down is None:  # only bias terms
             return F.linear(x, self.weight, self.bias_eff)
-        return readapt_linear_lowrank(x, self.weight, self.down, self.up, bias=self.bias_eff, row_scale=row_scale)
+        return lowrank(x, self.weight, self.down, self.up, bias=self.bias_eff, row_scale=row_scale)
 
 
 class ReadaptEmbedding(nn.Module):

@@ -7,8 +7,15 @@ seconds. Tests that use none of these fixtures never import transformers.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton picks interpreter or compiler when it is first imported: without a GPU, make
+# that the interpreter for the whole session so the kernel tests run on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fixtures_models as fm
 from fixtures_models import ModelPair
