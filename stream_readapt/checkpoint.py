@@ -123,8 +123,8 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self.file_of(name).info(name)
 
-    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.file_of(name).read_rows(name, start, stop)
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None, *, out=None) -> torch.Tensor:
+        return self.file_of(name).read_rows(name, start, stop, out=out)
 
     def read(self, name: str) -> torch.Tensor:
         return self.file_of(name).read(name)

@@ -16,10 +16,9 @@ import torch
 
 from .checkpoint import Checkpoint
 from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
-from .plan import TensorPair, plan_pairs, select
-from .streaming import (
-    DEFAULT_BLOCK_BYTES, check_finite, progress, resolve_device, resolve_dtype, row_blocks, to_device_f32,
-)
+from .plan import plan_pairs, select
+from .blocks import BlockBuffers, Job, stream_pass
+from .streaming import DEFAULT_BLOCK_BYTES, progress, resolve_device, resolve_dtype
 from .writer import CheckpointWriter, OutputFolder, PlannedTensor, shards_by_size, shards_like
 
 
@@ -62,8 +61,9 @@ def extract(
         from .lore import extract_lore
 
         return extract_lore(
-            base, instruct, output, energy=energy, rank=rank, max_error=max_error, device=device,
-            include=include, exclude=exclude, revision=revision, overwrite=overwrite, quiet=quiet, **lore_options,
+            base, instruct, output, energy=energy, rank=rank, max_error=max_error, dtype=dtype, device=device,
+            include=include, exclude=exclude, revision=revision, overwrite=overwrite, quiet=quiet,
+            block_bytes=block_bytes, **lore_options,
         )
     if lore_options:
         raise TypeError(f"options {sorted(lore_options)} need energy=, rank= or max_error=")
@@ -93,39 +93,38 @@ def _write_deltas(tmp, pairs, phi, theta, out_dtype, dev, max_shard_size, block_
     dtype_of = lambda p: out_dtype or theta.info(p.name).dtype
     plan = [PlannedTensor(p.name, math.prod(p.shape) * dtype_of(p).itemsize) for p in pairs]
     groups = shards_by_size(plan, max_shard_size) if max_shard_size else shards_like(plan, phi.weight_map)
-    writer = CheckpointWriter(tmp, groups, prefix="readapter", metadata=safetensors_metadata(manifest))
     by_name = {p.name: p for p in pairs}
-    stats = {}
-    bar = progress(sum(t.nbytes for t in plan), "extract", quiet)
-    try:
-        for name in (n for g in groups for n in g):
-            pair = by_name[name]
-            writer.begin(name, dtype_of(pair), pair.shape)
-            stats[name] = _delta_tensor(writer, pair, phi, theta, dtype_of(pair), dev, block_bytes)
-            writer.end()
-            bar.update(math.prod(pair.shape) * dtype_of(pair).itemsize)
-        writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    return stats
+    order = [by_name[n] for g in groups for n in g]
+    squares = {p.name: [0.0, 0.0] for p in order}  # Σ Δ², Σ Φ² over the base rows
+
+    def reads_of(job: Job) -> list:
+        own = [(theta, job.pair.name, job.start, job.stop, "theta")]
+        return own + ([(phi, job.pair.base, job.start, job.stop, "phi")] if job.start < job.pair.base_rows else [])
+
+    def compute(job: Job) -> torch.Tensor:
+        d = blocks.read_f32(theta, job.pair.name, job.start, job.stop, slot="theta")
+        if job.start >= job.pair.base_rows:  # added vocabulary: Φ is zero there
+            return d
+        b = blocks.read_f32(phi, job.pair.base, job.start, job.stop, slot="phi")
+        if dtype_of(job.pair) == torch.float64:  # exact differences for float32 inputs
+            d, b = d.double(), b.double()
+        d.sub_(b)
+        squares[job.pair.name][0] += _square_sum(d)
+        squares[job.pair.name][1] += _square_sum(b)
+        return d
+
+    writer = CheckpointWriter(tmp, groups, prefix="readapter", metadata=safetensors_metadata(manifest))
+    with progress(sum(t.nbytes for t in plan), "extract", quiet) as bar, BlockBuffers(dev) as blocks:
+        stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=reads_of, compute=compute,
+                    block_bytes=block_bytes, bar=bar)
+    return {name: _norms(*sq) for name, sq in squares.items()}
 
 
-def _delta_tensor(writer, pair: TensorPair, phi, theta, dtype, dev, block_bytes) -> dict:
-    """Δ rows block by block; returns ‖Δ‖ and ‖Δ‖/‖Φ‖ (over the base rows)."""
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    rows = pair.shape[0] if pair.shape else 1
-    delta_sq = base_sq = 0.0
-    for start, stop in row_blocks(rows, math.prod(pair.shape[1:]), block_bytes, split_at=pair.base_rows):
-        d = to_device_f32(theta.read_rows(pair.name, start, stop), dev).to(work)
-        if start < pair.base_rows:
-            b = to_device_f32(phi.read_rows(pair.base, start, stop), dev).to(work)
-            d.sub_(b)
-            base_sq += float(b.double().square().sum())
-            delta_sq += float(d.double().square().sum())
-        check_finite(d, pair.name)
-        writer.write(d.to(dtype))
+def _norms(delta_sq: float, base_sq: float) -> dict:
     rel = math.sqrt(delta_sq / base_sq) if base_sq else (0.0 if delta_sq == 0 else math.inf)
     return {"norm": math.sqrt(delta_sq), "rel_norm": rel}
+
+
+def _square_sum(block: torch.Tensor) -> float:
+    flat = block.reshape(-1)
+    return float(torch.dot(flat, flat))  # blocked accumulation; blocks are summed in Python floats

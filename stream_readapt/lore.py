@@ -101,7 +101,7 @@ def _full_key(t: Target, lora_modules: set[str]) -> str:
 def extract_lore(
     base, instruct, output, *, energy=None, rank=None, max_error=None, max_rank=None, embeddings="full",
     seed=0, dtype=None, device="auto", include=None, exclude=None, revision=None, overwrite=False,
-    quiet=True, block_bytes=DEFAULT_BLOCK_BYTES, power_iters=None, max_shard_size=None,
+    quiet=True, block_bytes=DEFAULT_BLOCK_BYTES, power_iters=None,
 ) -> dict:
     """Write the LoRE-Adapter of `instruct` over `base` to `output`; returns its manifest.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -26,9 +27,8 @@ from .peft_adapter import PeftAdapter
 from .plan import LM_HEAD, TensorPair, base_name_for
 from .safetensors_reader import CheckpointError
 from .sources import InstructDelta, open_readapter
-from .streaming import (
-    DEFAULT_BLOCK_BYTES, check_finite, progress, resolve_device, resolve_dtype, row_blocks, to_device_f32,
-)
+from .blocks import BlockBuffers, Job, stream_pass
+from .streaming import DEFAULT_BLOCK_BYTES, progress, resolve_device, resolve_dtype
 from .writer import CheckpointWriter, OutputFolder, PlannedTensor, shards_by_size, shards_like
 
 logger = logging.getLogger(__name__)
@@ -117,57 +117,41 @@ def _check_recorded_base(delta, phi: Checkpoint, ignore: bool) -> None:
 
 def _write_all(tmp, pairs, phi, delta, psi, alpha, beta, out_dtype, dev, max_shard_size, block_bytes, manifest, quiet):
     dtype_of = lambda p: out_dtype or p.dtype
-    plan = [PlannedTensor(p.name, _numel(p.shape) * dtype_of(p).itemsize) for p in pairs]
+    plan = [PlannedTensor(p.name, math.prod(p.shape) * dtype_of(p).itemsize) for p in pairs]
     groups = shards_by_size(plan, max_shard_size) if max_shard_size else shards_like(plan, phi.weight_map)
-    writer = CheckpointWriter(tmp, groups, metadata=safetensors_metadata(manifest))
     by_name = {p.name: p for p in pairs}
-    record = {}
-    bar = progress(sum(t.nbytes for t in plan), "merge", quiet)
-    try:
-        for name in (n for g in groups for n in g):
-            pair = by_name[name]
-            writer.begin(name, dtype_of(pair), pair.shape)
-            record[name] = _merge_tensor(writer, pair, phi, delta, psi, alpha, beta, dtype_of(pair), dev, block_bytes)
-            writer.end()
-            bar.update(_numel(pair.shape) * dtype_of(pair).itemsize)
-        writer.finalize()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
+    order = [by_name[n] for g in groups for n in g]
+    record = {p.name: {"delta": beta != 0 and delta.has(p.name), "knowledge": False, "added_rows": p.added_rows} for p in order}
+
+    def reads_of(job: Job) -> list:
+        wants_delta = beta != 0 or job.start >= job.pair.base_rows
+        own = [] if job.start >= job.pair.base_rows else [(phi, job.pair.base, job.start, job.stop, "phi")]
+        return own + (delta.reads(job.pair.name, job.start, job.stop) if wants_delta else [])
+
+    def compute(job: Job) -> torch.Tensor:
+        if job.start >= job.pair.base_rows:
+            return delta.added_rows(job.pair.name, job.start, job.stop, dev)
+        return _merge_block(job.pair, phi, delta, psi, alpha, beta, job.start, job.stop, record[job.pair.name])
+
+    writer = CheckpointWriter(tmp, groups, metadata=safetensors_metadata(manifest))
+    with progress(sum(t.nbytes for t in plan), "merge", quiet) as bar, BlockBuffers(dev) as blocks:
+        delta.blocks = blocks
+        stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=reads_of, compute=compute,
+                    block_bytes=block_bytes, bar=bar)
     return record
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _merge_tensor(writer, pair: TensorPair, phi, delta, psi, alpha, beta, dtype, dev, block_bytes) -> dict:
-    row_numel = _numel(pair.shape[1:])
-    rows = pair.shape[0] if pair.shape else 1
-    used = {"delta": beta != 0 and delta.has(pair.name), "knowledge": False, "added_rows": pair.added_rows}
-    for start, stop in row_blocks(rows, row_numel, block_bytes, split_at=pair.base_rows):
-        if start >= pair.base_rows:
-            out = delta.added_rows(pair.name, start, stop, dev)
-        else:
-            out = _merge_block(pair, phi, delta, psi, alpha, beta, dev, start, stop, used)
-        check_finite(out, pair.name)
-        writer.write(out.to(dtype))
-    return used
-
-
-def _merge_block(pair, phi, delta, psi, alpha, beta, dev, start, stop, used) -> torch.Tensor:
-    base = to_device_f32(phi.read_rows(pair.base, start, stop), dev)
-    # Ψ first: DoRA needs Φ's rows, and the blend may reuse their storage.
-    knowledge = psi.delta_rows(pair.name, base, start, stop) if psi is not None and alpha != 0 else None
+def _merge_block(pair, phi, delta, psi, alpha, beta, start, stop, used) -> torch.Tensor:
+    base = delta.blocks.read_f32(phi, pair.base, start, stop, slot="phi")
+    with_psi = psi is not None and alpha != 0 and psi.has(pair.name)
+    # DoRA and saved weights need Φ's rows, which the blend may overwrite: take Ψ first.
+    knowledge = psi.delta_rows(pair.name, base, start, stop) if with_psi and psi.needs_base_rows(pair.name) else None
     out = delta.blend(pair.name, base, beta, start, stop) if beta != 0 else base
     if knowledge is not None:
-        out = out.add_(knowledge, alpha=alpha)
-    used["knowledge"] |= knowledge is not None
+        out.add_(knowledge, alpha=alpha)
+    elif with_psi:
+        psi.add_rows_(out, pair.name, start, stop, alpha)  # plain LoRA: one fused addmm
+    used["knowledge"] |= with_psi
     return out
 
 

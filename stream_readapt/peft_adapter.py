@@ -172,8 +172,35 @@ class PeftAdapter:
             return psi
         return lora if psi is None else psi.add_(lora)
 
+    def has(self, name: str) -> bool:
+        return name in self.replacements or self._module_of(name) is not None
+
+    def needs_base_rows(self, name: str) -> bool:
+        """Whether Ψ of `name` depends on Φ (DoRA, saved full weights): then use `delta_rows`."""
+        mod = self._module_of(name)
+        dora = mod is not None and mod.magnitude is not None and not name.endswith(".bias")
+        return dora or name in self.replacements
+
+    def add_rows_(self, out: torch.Tensor, name: str, start: int, stop: int, weight: float) -> None:
+        """out += weight·Ψ[start:stop] for a plain LoRA term, as one fused addmm (no Ψ block)."""
+        mod = self._module_of(name)
+        if mod is None:
+            return
+        f = self._factors(mod, out.device)
+        w = weight * mod.scale
+        if name.endswith(".bias"):
+            if mod.bias:
+                out.add_(f["bias"][start:stop], alpha=w)
+        elif mod.embedding:
+            out.addmm_(f["A"][:, start:stop].T, f["B"].T, alpha=w)
+        else:
+            out.addmm_(f["B"][start:stop], f["A"], alpha=w)
+
+    def _module_of(self, name: str) -> LoraModule | None:
+        return self.modules.get(name.rsplit(".", 1)[0])
+
     def _lora_rows(self, name: str, phi: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
-        mod = self.modules.get(name.rsplit(".", 1)[0])
+        mod = self._module_of(name)
         if mod is None:
             return None
         f = self._factors(mod, phi.device)

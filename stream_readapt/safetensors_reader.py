@@ -163,18 +163,23 @@ class SafetensorsFile:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
-    def read_rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) of tensor `name` (dim 0), as a new CPU tensor."""
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (dim 0), as a CPU tensor.
+
+        With `out` (a contiguous CPU tensor of at least that many bytes), the rows are
+        read into its memory and a view of it is returned: a reused buffer costs no
+        page faults, which matters at gigabytes per second.
+        """
         info = self.info(name)
         rows = info.shape[0] if info.shape else 1
         stop = rows if stop is None else min(stop, rows)
         shape = ((stop - start),) + info.shape[1:] if info.shape else ()
         nbytes = (stop - start) * info.row_bytes
-        buf = bytearray(nbytes)
-        self._read_into(memoryview(buf), info.start + start * info.row_bytes, name)
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+        raw = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.view(torch.uint8).reshape(-1)[:nbytes]
+        self._read_into(memoryview(raw.numpy()), info.start + start * info.row_bytes, name)
+        return raw.view(info.dtype).reshape(shape)
 
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor (use only for small tensors or where a whole matrix is needed)."""

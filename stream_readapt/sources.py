@@ -17,6 +17,7 @@ from .manifest import read_manifest
 from .peft_adapter import PeftAdapter
 from .plan import TensorPair, pair_tensor, plan_pairs, base_name_for
 from .safetensors_reader import CheckpointError
+from .blocks import BlockBuffers
 from .streaming import to_device_f32
 
 
@@ -26,6 +27,7 @@ class DeltaSource:
     kind = "?"
     folder: Path
     manifest: dict | None = None
+    blocks: BlockBuffers | None = None  # set by the caller to reuse block buffers
 
     def blend(self, name: str, phi: torch.Tensor, beta: float, start: int, stop: int) -> torch.Tensor:
         """Φ + β·Δ for these rows; may reuse `phi`'s storage."""
@@ -48,14 +50,20 @@ class InstructDelta(DeltaSource):
     def has(self, name: str) -> bool:
         return name in self.ckpt
 
+    def reads(self, name: str, start: int, stop: int) -> list:
+        """The block reads `blend` / `added_rows` will make (for read-ahead)."""
+        return [(self.ckpt, name, start, stop, "delta")] if name in self.ckpt else []
+
     def delta_rows(self, name: str, phi: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
         return self.read(name, start, stop, phi.device).sub_(phi) if name in self.ckpt else None
 
     def blend(self, name, phi, beta, start, stop):
         # lerp is exact at β = 0 and β = 1, so (α, β) = (0, 1) reproduces Θ bit for bit.
-        return torch.lerp(phi, self.read(name, start, stop, phi.device), beta)
+        return phi.lerp_(self.read(name, start, stop, phi.device), beta)
 
     def read(self, name: str, start: int, stop: int, device) -> torch.Tensor:
+        if self.blocks is not None:
+            return self.blocks.read_f32(self.ckpt, name, start, stop, slot="delta")
         return to_device_f32(self.ckpt.read_rows(name, start, stop), device)
 
     added_rows = read
@@ -110,10 +118,19 @@ class LoreDelta(DeltaSource):
         return _in_base_order(base, pairs)
 
     def has(self, name: str) -> bool:
-        return name in self.adapter.targets()
+        return self.adapter.has(name)
+
+    def reads(self, name: str, start: int, stop: int) -> list:
+        return []  # small factors, read once per module
 
     def delta_rows(self, name, phi, start, stop):
         return self.adapter.delta_rows(name, phi, start, stop)
+
+    def blend(self, name, phi, beta, start, stop):
+        if self.adapter.needs_base_rows(name):
+            return super().blend(name, phi, beta, start, stop)
+        self.adapter.add_rows_(phi, name, start, stop, beta)  # Φ + β·B·A in one addmm
+        return phi
 
     def added_rows(self, name, start, stop, device):
         key = self.adapter.replacements[name]

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -90,8 +91,10 @@ class SafetensorsShardWriter:
         self.write(tensor)
         self.end()
 
-    def finalize(self) -> int:
-        """Write the header into its reserved room; returns the data bytes written."""
+    def finalize(self, *, sync: bool = True) -> int:
+        """Write the header into its reserved room; returns the data bytes written.
+
+        `sync=False` leaves the fsync to the caller (see `fsync_file`)."""
         assert self._current is None, "tensor left open"
         header = dict(self._entries)
         header["__metadata__"] = self.metadata
@@ -102,7 +105,8 @@ class SafetensorsShardWriter:
         self._fh.seek(0)
         self._fh.write(struct.pack("<Q", len(raw)) + raw)
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if sync:
+            os.fsync(self._fh.fileno())
         self._fh.close()
         return self._offset
 
@@ -158,11 +162,22 @@ def shard_file_names(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a closed file's data to disk (any descriptor of the file will do)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class CheckpointWriter:
     """Writes planned tensors, in order, into Hugging Face-named shards plus an index.
 
     `groups` fixes which tensors share a shard; tensors must be written in the
-    order of the flattened groups. Only one shard file is open at a time.
+    order of the flattened groups. Only one shard file is open at a time; a finished
+    shard is fsynced by a background thread while the next one is computed, and
+    `finalize` waits for every fsync (the output folder is renamed only after).
     """
 
     def __init__(self, folder: Path, groups: list[list[str]], *, prefix: str = "model", metadata=None):
@@ -177,6 +192,8 @@ class CheckpointWriter:
         self._next = 0
         self._shard: SafetensorsShardWriter | None = None
         self._shard_index = -1
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+        self._syncs: list[Future] = []
 
     def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         expected, group = self._order[self._next]
@@ -203,12 +220,16 @@ class CheckpointWriter:
 
     def _close_shard(self) -> None:
         if self._shard is not None:
-            self.total_size += self._shard.finalize()
+            self.total_size += self._shard.finalize(sync=False)
+            self._syncs.append(self._syncer.submit(fsync_file, self._shard.path))
             self._shard = None
 
     def finalize(self) -> dict[str, str]:
         assert self._next == len(self._order), "not every planned tensor was written"
         self._close_shard()
+        for done in self._syncs:
+            done.result()  # re-raises a failed fsync (e.g. a full disk)
+        self._syncer.shutdown()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             with open(self.folder / f"{self.prefix}.safetensors.index.json", "w") as fh:
@@ -218,6 +239,7 @@ class CheckpointWriter:
     def abort(self) -> None:
         if self._shard is not None:
             self._shard.close()
+        self._syncer.shutdown(wait=True, cancel_futures=True)
 
 
 class OutputFolder:
@@ -250,3 +272,40 @@ class OutputFolder:
             os.rename(self.path, old)
         os.rename(self.tmp, self.path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+class BackgroundWriter:
+    """Runs a CheckpointWriter's calls, in order, on one background thread.
+
+    At most one call is in flight: `write(block)` returns once the previous write is
+    done, so a caller alternating two output buffers never overwrites one being written.
+    """
+
+    def __init__(self, writer: CheckpointWriter):
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self._last: Future | None = None
+
+    def _submit(self, fn, *args) -> None:
+        if self._last is not None:
+            self._last.result()  # re-raises a failed write here, in the caller's thread
+        self._last = self._pool.submit(fn, *args)
+
+    def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self._submit(self.writer.begin, name, dtype, shape)
+
+    def write(self, block: torch.Tensor) -> None:
+        self._submit(self.writer.write, block)
+
+    def end(self) -> None:
+        self._submit(self.writer.end)
+
+    def finalize(self) -> dict[str, str]:
+        if self._last is not None:
+            self._last.result()
+        self._pool.shutdown()
+        return self.writer.finalize()
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.writer.abort()
