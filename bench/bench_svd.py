@@ -14,7 +14,6 @@ Target: at k = 256, at least 10× faster than the full SVD.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 import torch

@@ -308,7 +308,7 @@ def plot_spectra(folders: list[Path], path: str | os.PathLike) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for folder in folders:
         modules = (read_manifest(folder) or {}).get("modules") or {}
-        for name, rec in modules.items():
+        for rec in modules.values():
             if "explained_variance" not in rec:
                 continue
             xs = [(i + 1) * rec["explained_variance_step"] for i in range(len(rec["explained_variance"]))]

@@ -22,7 +22,7 @@ from .kernels.readapt_linear import (
     fold_lowrank, readapt_linear_full, readapt_linear_full_ref, readapt_linear_lowrank, readapt_linear_lowrank_ref,
 )
 from .peft_adapter import PeftAdapter
-from .sources import FullDelta, LoreDelta, open_readapter
+from .sources import FullDelta, open_readapter
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fixtures_models as fm
 from stream_readapt import extract, merge, patch_model, set_scales
 from stream_readapt.patch import ReadaptEmbedding, ReadaptLinear
 
