@@ -139,7 +139,7 @@ class Checkpoint:
         return sum(self.info(n).nbytes for n in self.weight_map)
 
     def fingerprint(self) -> str:
-        """sha256 over the shard headers in name order: cheap, and changes with any layout change."""
+        """sha256 over each shard's header and a few data samples, in file-name order."""
         h = hashlib.sha256()
         for name in sorted(self.files):
             h.update(name.encode())

@@ -183,3 +183,21 @@ def test_hub_id_resolves_from_cache_offline(tmp_path):
 def test_missing_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         Checkpoint.open(tmp_path / "missing" / "folder")
+
+
+def test_fingerprint_tells_same_layout_checkpoints_apart(llama_pair, tmp_path):
+    """A fine-tune has the base's exact headers; the fingerprint must still differ."""
+    import fixtures_models as fm
+
+    theta = fm.load_state_dict(llama_pair.instruct)
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    for shard in sorted(llama_pair.base.glob("*.safetensors")):
+        keys = list(load_file(shard))
+        save_file({k: theta[k] for k in keys}, twin / shard.name, metadata={"format": "pt"})
+        assert SafetensorsFile(twin / shard.name).header_bytes == SafetensorsFile(shard).header_bytes
+    (twin / "model.safetensors.index.json").write_bytes((llama_pair.base / "model.safetensors.index.json").read_bytes())
+    with Checkpoint.from_folder(llama_pair.base) as a, Checkpoint.from_folder(twin) as b:
+        assert a.fingerprint() != b.fingerprint()
+    with Checkpoint.from_folder(llama_pair.base) as a, Checkpoint.from_folder(llama_pair.base) as b:
+        assert a.fingerprint() == b.fingerprint()
