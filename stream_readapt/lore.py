@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint
 from .lowrank import LowRankFactors, randomized_svd
 from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
 from .plan import EMBED_NAMES, LM_HEAD, TensorPair, plan_pairs, select, ties_embeddings
-from .streaming import check_finite, progress, resolve_device, resolve_dtype, row_blocks, to_device_f32, DEFAULT_BLOCK_BYTES
+from .streaming import check_finite, progress, resolve_device, resolve_dtype, row_blocks, DEFAULT_BLOCK_BYTES
 from .writer import OutputFolder, SafetensorsShardWriter
 
 logger = logging.getLogger(__name__)
@@ -169,8 +169,9 @@ def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes
     rows, cols = t.pair.shape
     delta = torch.empty(rows, cols, dtype=torch.float32, device=dev)
     for start, stop in row_blocks(rows, cols, block_bytes):
-        block = to_device_f32(theta.read_rows(t.pair.name, start, stop), dev)
-        delta[start:stop] = block.sub_(to_device_f32(phi.read_rows(t.pair.base, start, stop), dev))
+        # Convert straight into Δ's rows: no float32 temporaries for Θ and Φ.
+        delta[start:stop].copy_(theta.read_rows(t.pair.name, start, stop).to(dev))
+        delta[start:stop].sub_(phi.read_rows(t.pair.base, start, stop).to(dev))
     check_finite(delta, t.pair.name)
     return delta
 
