@@ -53,6 +53,7 @@ class Checkpoint:
         self.weight_map = weight_map  # tensor name -> shard file name, in shard order
         self.source = str(folder)
         self._names: list[str] | None = None
+        self._fingerprint: str | None = None
 
     @classmethod
     def open(cls, path_or_id: str | os.PathLike, *, revision: str | None = None) -> "Checkpoint":
@@ -140,11 +141,13 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         """sha256 over each shard's header and a few data samples, in file-name order."""
-        h = hashlib.sha256()
-        for name in sorted(self.files):
-            h.update(name.encode())
-            h.update(self.files[name].fingerprint_part())
-        return "sha256:" + h.hexdigest()
+        if self._fingerprint is None:  # asked for by the base check and by the manifest: read once
+            h = hashlib.sha256()
+            for name in sorted(self.files):
+                h.update(name.encode())
+                h.update(self.files[name].fingerprint_part())
+            self._fingerprint = "sha256:" + h.hexdigest()
+        return self._fingerprint
 
     def close(self) -> None:
         for f in self.files.values():
