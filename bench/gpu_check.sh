@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one run (for a session lent a GPU machine; ~8 minutes on an H100):
-#   run(command="bash bench/gpu_check.sh", timeout_s=540)
-# GPU tests (bf16 kernels, CUDA randomized SVD), then the kernel and SVD benchmarks.
-# Results land in $OUT (or bench/out): pytest log, readapt_linear.csv/json, svd.csv/json.
+# Everything GPU-side in one run, for a session lent a GPU machine (about 7 minutes on an H100):
+#   run(command="bash bench/gpu_check.sh", timeout_s=560)
+# 1. the kernel benchmark (--quick: autotunes, times fused vs cuBLAS vs unfused, checks targets),
+# 2. the GPU tests (bf16 kernels, autotuner, CUDA-graph replay, patched model, CUDA SVD),
+# 3. the randomized-SVD benchmark on CUDA.
+# The most valuable step runs first, and each writes its files as it goes, so a timeout keeps
+# what finished. Results land in $OUT (or bench/out): 8 files, the most the device tool returns.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 pip install -q --no-deps -e . >/dev/null 2>&1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 180 python -m pytest -q -x tests/test_readapt_linear_gpu.py tests/test_readapt_linear.py \
-    tests/test_lowrank.py -k "cuda or gpu or Gpu or GPU or readapt_linear" 2>&1 | tail -25 | tee "$OUT/pytest_gpu.log"
-timeout 240 python bench/bench_readapt_linear.py --quick --out "$OUT" 2>&1 | tail -40 | tee "$OUT/bench_kernels.log"
-timeout 120 python bench/bench_svd.py --device cuda --out "$OUT" 2>&1 | tail -20 | tee "$OUT/bench_svd.log"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+    2>&1 | tee "$OUT/gpu.txt"
+timeout 270 python bench/bench_readapt_linear.py --quick --out "$OUT" >"$OUT/bench_kernels.log" 2>&1
+echo "bench_readapt_linear exit $?" >>"$OUT/bench_kernels.log"
+tail -22 "$OUT/bench_kernels.log"
+timeout 170 python -m pytest -q -rs tests/test_readapt_linear_gpu.py tests/test_patch.py tests/test_lowrank.py \
+    -k "gpu or cuda or autotuned" >"$OUT/pytest_gpu.log" 2>&1
+echo "pytest exit $?" >>"$OUT/pytest_gpu.log"
+tail -12 "$OUT/pytest_gpu.log"
+timeout 80 python bench/bench_svd.py --device cuda --out "$OUT" >"$OUT/bench_svd.log" 2>&1
+echo "bench_svd exit $?" >>"$OUT/bench_svd.log"
+tail -12 "$OUT/bench_svd.log"

@@ -9,13 +9,19 @@
 * full rank: y = x·(row_scale⊙Φ + β·Δ)ᵀ + (x·down)·upᵀ + bias, with Φ and Δ tiles
   combined in registers before each dot.
 
+On CUDA the GEMM's tiles are autotuned per (M bucket, N, K, R) among the candidates in
+`readapt_linear_tuning` (decode and prefill tables; `swap_ab` variants compute the transposed
+product so the weight tile is wgmma's register operand). On Hopper the GEMM is launched with
+programmatic dependent launch: it starts while the shrink still runs, and waits for t only
+before its rank loop.
+
 Top to bottom: Triton kernels, launchers, plain-PyTorch references (the CPU path).
 """
 from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, replace
+import os
 from types import SimpleNamespace
 
 import torch
@@ -28,6 +34,17 @@ except ImportError:  # CPU-only install: kernels below are defined but never lau
     tl = SimpleNamespace(constexpr=None)
 
 jit = triton.jit if triton is not None else (lambda fn: fn)
+try:  # programmatic dependent launch (Hopper+), in Triton since 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+    HAS_GDC = False
+
+from . import readapt_linear_tuning as tuning  # noqa: E402
+from .readapt_linear_tuning import ShrinkConfig, TileConfig  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -56,41 +73,89 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @jit
-def _dot_loop(acc, A_ptr, a_row_stride, a_col_stride, B_ptr, b_k_stride, b_n_stride,
-              offs_m, offs_n, M, N, k_lo, k_hi,
-              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += a[offs_m, k_lo:k_hi] · b[k_lo:k_hi, offs_n]; a is cast to b's dtype first."""
+def _along_n(v, SWAP_AB: tl.constexpr):
+    """Broadcast a per-output-channel [BLOCK_N] vector over an accumulator tile."""
+    if SWAP_AB:
+        return v[:, None]  # acc is [BLOCK_N, BLOCK_M]
+    else:
+        return v[None, :]  # acc is [BLOCK_M, BLOCK_N]
+
+
+@jit
+def _nk_offsets(offs_n, ks, row_stride, col_stride, SWAP_AB: tl.constexpr):
+    """Offsets of an [N, K]-stored tile, laid out [BLOCK_N, BLOCK_K] (swapped) or [BLOCK_K, BLOCK_N]."""
+    if SWAP_AB:
+        return offs_n[:, None] * row_stride + ks[None, :] * col_stride
+    else:
+        return ks[:, None] * col_stride + offs_n[None, :] * row_stride
+
+
+@jit
+def _mk_offsets(offs_m, ks, row_stride, col_stride, SWAP_AB: tl.constexpr):
+    """Offsets of an [M, K]-stored tile, laid out [BLOCK_K, BLOCK_M] (swapped) or [BLOCK_M, BLOCK_K]."""
+    if SWAP_AB:
+        return ks[:, None] * col_stride + offs_m[None, :] * row_stride
+    else:
+        return offs_m[:, None] * row_stride + ks[None, :] * col_stride
+
+
+@jit
+def _base_loop(acc, X_ptr, x_row_stride, x_col_stride, W_ptr, w_row_stride, w_col_stride,
+               D_ptr, d_row_stride, d_col_stride, beta, scale, offs_m, offs_n, M, N, K,
+               HAS_DELTA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SWAP_AB: tl.constexpr,
+               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += x·Wᵀ, or x·(scale⊙W + β·Δ)ᵀ with each W/Δ tile merged in fp32 registers.
+
+    SWAP_AB computes the transposed product (acc is [BLOCK_N, BLOCK_M]): the weight tile is
+    the dot's left operand, which Hopper's wgmma reads straight from registers.
+    """
     offs_k = tl.arange(0, BLOCK_K)
-    for k in range(k_lo, k_hi, BLOCK_K):
+    for k in range(0, K, BLOCK_K):
         ks = k + offs_k
-        a = tl.load(A_ptr + offs_m[:, None] * a_row_stride + ks[None, :] * a_col_stride,
-                    mask=(offs_m[:, None] < M) & (ks[None, :] < k_hi), other=0.0)
-        b = tl.load(B_ptr + ks[:, None] * b_k_stride + offs_n[None, :] * b_n_stride,
-                    mask=(ks[:, None] < k_hi) & (offs_n[None, :] < N), other=0.0)
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+        in_k = ks < K
+        if SWAP_AB:
+            x_mask = in_k[:, None] & (offs_m[None, :] < M)
+            w_mask = (offs_n[:, None] < N) & in_k[None, :]
+        else:
+            x_mask = (offs_m[:, None] < M) & in_k[None, :]
+            w_mask = in_k[:, None] & (offs_n[None, :] < N)
+        x = tl.load(X_ptr + _mk_offsets(offs_m, ks, x_row_stride, x_col_stride, SWAP_AB), mask=x_mask, other=0.0)
+        w = tl.load(W_ptr + _nk_offsets(offs_n, ks, w_row_stride, w_col_stride, SWAP_AB), mask=w_mask, other=0.0)
+        if HAS_DELTA:
+            d = tl.load(D_ptr + _nk_offsets(offs_n, ks, d_row_stride, d_col_stride, SWAP_AB), mask=w_mask, other=0.0)
+            wf = w.to(tl.float32)
+            if HAS_ROW_SCALE:
+                wf = wf * _along_n(scale, SWAP_AB)
+            # Rounded once to the operand dtype, exactly as a materialized merged weight would be.
+            w = (wf + beta * d.to(tl.float32)).to(x.dtype)
+        if SWAP_AB:
+            acc = tl.dot(w, x, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
     return acc
 
 
 @jit
-def _merged_dot_loop(acc, X_ptr, x_row_stride, x_col_stride, W_ptr, w_row_stride, w_col_stride,
-                     D_ptr, d_row_stride, d_col_stride, beta, scale,
-                     offs_m, offs_n, M, N, K,
-                     HAS_ROW_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += x · (scale⊙W + β·Δ)ᵀ, merging each W/Δ tile in fp32 registers, never in memory."""
-    offs_k = tl.arange(0, BLOCK_K)
-    for k in range(0, K, BLOCK_K):
-        ks = k + offs_k
-        x = tl.load(X_ptr + offs_m[:, None] * x_row_stride + ks[None, :] * x_col_stride,
-                    mask=(offs_m[:, None] < M) & (ks[None, :] < K), other=0.0)
-        wmask = (ks[:, None] < K) & (offs_n[None, :] < N)
-        w = tl.load(W_ptr + offs_n[None, :] * w_row_stride + ks[:, None] * w_col_stride, mask=wmask, other=0.0)
-        d = tl.load(D_ptr + offs_n[None, :] * d_row_stride + ks[:, None] * d_col_stride, mask=wmask, other=0.0)
-        wf = w.to(tl.float32)
-        if HAS_ROW_SCALE:
-            wf = wf * scale[None, :]
-        # Rounded once to the operand dtype, exactly as a materialized merged weight would be.
-        merged = (wf + beta * d.to(tl.float32)).to(x.dtype)
-        acc = tl.dot(x, merged, acc, input_precision=PRECISION)
+def _rank_loop(acc, T_ptr, t_row_stride, U_ptr, u_row_stride, u_col_stride, offs_m, offs_n, M, N, R,
+               SWAP_AB: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += t·upᵀ (t = x·down, fp32 [M, R]); t is rounded to up's dtype right before the dot,
+    so the rank loop runs on the same tensor-core path as the base loop."""
+    offs_r = tl.arange(0, BLOCK_R)
+    for r in range(0, R, BLOCK_R):
+        rs = r + offs_r
+        in_r = rs < R
+        if SWAP_AB:
+            t = tl.load(T_ptr + _mk_offsets(offs_m, rs, t_row_stride, 1, True),
+                        mask=in_r[:, None] & (offs_m[None, :] < M), other=0.0)
+            u = tl.load(U_ptr + _nk_offsets(offs_n, rs, u_row_stride, u_col_stride, True),
+                        mask=(offs_n[:, None] < N) & in_r[None, :], other=0.0)
+            acc = tl.dot(u, t.to(u.dtype), acc, input_precision=PRECISION)
+        else:
+            t = tl.load(T_ptr + _mk_offsets(offs_m, rs, t_row_stride, 1, False),
+                        mask=(offs_m[:, None] < M) & in_r[None, :], other=0.0)
+            u = tl.load(U_ptr + _nk_offsets(offs_n, rs, u_row_stride, u_col_stride, False),
+                        mask=in_r[:, None] & (offs_n[None, :] < N), other=0.0)
+            acc = tl.dot(t.to(u.dtype), u, acc, input_precision=PRECISION)
     return acc
 
 
@@ -98,8 +163,11 @@ def _merged_dot_loop(acc, X_ptr, x_row_stride, x_col_stride, W_ptr, w_row_stride
 def _shrink_kernel(X_ptr, D_ptr, T_ptr, M, K, R,
                    x_row_stride, x_col_stride, d_row_stride, d_col_stride, t_row_stride,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
+                   SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr, PRECISION: tl.constexpr):
     """t = x·down. x: [M, K], down: [K, R], t: [M, R] fp32 (zero-filled when SPLIT_K > 1)."""
+    if USE_PDL:
+        # Let the main GEMM launch now: its base loop (most of its work) needs no t.
+        gdc_launch_dependents()
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_r = tl.cdiv(R, BLOCK_R)
     offs_m = (pid // n_r) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,9 +176,15 @@ def _shrink_kernel(X_ptr, D_ptr, T_ptr, M, K, R,
     chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = pid_k * chunk
     k_hi = min(k_lo + chunk, K)
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc = _dot_loop(acc, X_ptr, x_row_stride, x_col_stride, D_ptr, d_row_stride, d_col_stride,
-                    offs_m, offs_r, M, R, k_lo, k_hi, BLOCK_K, PRECISION)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        ks = k + offs_k
+        x = tl.load(X_ptr + offs_m[:, None] * x_row_stride + ks[None, :] * x_col_stride,
+                    mask=(offs_m[:, None] < M) & (ks[None, :] < k_hi), other=0.0)
+        d = tl.load(D_ptr + ks[:, None] * d_row_stride + offs_r[None, :] * d_col_stride,
+                    mask=(ks[:, None] < k_hi) & (offs_r[None, :] < R), other=0.0)
+        acc = tl.dot(x, d, acc, input_precision=PRECISION)
     ptrs = T_ptr + offs_m[:, None] * t_row_stride + offs_r[None, :]
     mask = (offs_m[:, None] < M) & (offs_r[None, :] < R)
     if SPLIT_K == 1:
@@ -122,17 +196,19 @@ def _shrink_kernel(X_ptr, D_ptr, T_ptr, M, K, R,
 @jit
 def _readapt_linear_kernel(
     X_ptr, W_ptr, D_ptr, T_ptr, U_ptr, S_ptr, Bias_ptr, Y_ptr,
-    M, N, K, R, beta,
+    M, N, K, R, beta, M_BUCKET,
     x_row_stride, x_col_stride, w_row_stride, w_col_stride, d_row_stride, d_col_stride,
     t_row_stride, u_row_stride, u_col_stride, y_row_stride,
     HAS_DELTA: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     """y = x·(s⊙W + β·Δ)ᵀ + t·upᵀ + bias, or (x·Wᵀ)⊙s + t·upᵀ + bias without Δ.
 
     x: [M, K], w/Δ: [N, K], t = x·down: [M, R] fp32, up: [N, R], s (row_scale), bias: [N].
-    Every term accumulates into one fp32 tile; y is written once, in x's dtype.
+    Every term accumulates into one fp32 tile; y is written once, in x's dtype. M_BUCKET is
+    only the autotuner's key (M rounded to a power of two).
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -140,21 +216,24 @@ def _readapt_linear_kernel(
     scale = tl.zeros((BLOCK_N,), dtype=tl.float32) + 1.0
     if HAS_ROW_SCALE:
         scale = tl.load(S_ptr + offs_n, mask=offs_n < N, other=1.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_DELTA:
-        acc = _merged_dot_loop(acc, X_ptr, x_row_stride, x_col_stride, W_ptr, w_row_stride, w_col_stride,
-                               D_ptr, d_row_stride, d_col_stride, beta, scale, offs_m, offs_n, M, N, K,
-                               HAS_ROW_SCALE, BLOCK_K, PRECISION)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        acc = _dot_loop(acc, X_ptr, x_row_stride, x_col_stride, W_ptr, w_col_stride, w_row_stride,
-                        offs_m, offs_n, M, N, 0, K, BLOCK_K, PRECISION)
-        if HAS_ROW_SCALE:  # DoRA: scales only the base term, hence before the rank loop
-            acc = acc * scale[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _base_loop(acc, X_ptr, x_row_stride, x_col_stride, W_ptr, w_row_stride, w_col_stride,
+                     D_ptr, d_row_stride, d_col_stride, beta, scale, offs_m, offs_n, M, N, K,
+                     HAS_DELTA, HAS_ROW_SCALE, SWAP_AB, BLOCK_K, PRECISION)
+    if HAS_ROW_SCALE and not HAS_DELTA:  # DoRA: scales only the base term, hence before the rank loop
+        acc = acc * _along_n(scale, SWAP_AB)
     if HAS_LOWRANK:
-        acc = _dot_loop(acc, T_ptr, t_row_stride, 1, U_ptr, u_col_stride, u_row_stride,
-                        offs_m, offs_n, M, N, 0, R, BLOCK_R, PRECISION)
+        if USE_PDL:
+            gdc_wait()  # launched while the shrink ran (programmatic dependent launch): t is ready now
+        acc = _rank_loop(acc, T_ptr, t_row_stride, U_ptr, u_row_stride, u_col_stride, offs_m, offs_n,
+                         M, N, R, SWAP_AB, BLOCK_R, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(Bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += _along_n(tl.load(Bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32), SWAP_AB)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(Y_ptr + offs_m[:, None] * y_row_stride + offs_n[None, :],
              acc.to(Y_ptr.dtype.element_ty), mask=mask)
@@ -184,44 +263,48 @@ TRITON_MODE = _triton_mode()
 INTERPRET = TRITON_MODE == "interpret"
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes for one launch; `split_k` applies to the shrink kernel only."""
+def _autotuned_kernel():
+    """The fused GEMM under `triton.autotune`, choosing among `tuning.candidates` per shape.
 
-    block_m: int
-    block_n: int
-    block_k: int
-    block_r: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-    split_k: int = 1
+    Keyed on (M bucket, N, K, R, which terms are present, dtypes): a serving process tunes
+    each projection shape once per M bucket (about a second each), then reuses the choice.
+    BLOCK_R is not tuned: `tuning.rank_block` fits it to R at launch.
+    """
+    by_tile = {c: triton.Config(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                                     GROUP_M=c.group_m, SWAP_AB=c.swap_ab),
+                                num_warps=c.num_warps, num_stages=c.num_stages)
+               for c in tuning.DECODE_CONFIGS + tuning.PREFILL_CONFIGS}
+
+    def prune(configs, named_args, **kwargs):
+        x = named_args["X_ptr"]
+        return [by_tile[c] for c in tuning.candidates(named_args["M"], x.element_size())]
+
+    return triton.autotune(
+        configs=list(by_tile.values()), prune_configs_by={"early_config_prune": prune},
+        key=["M_BUCKET", "N", "K", "R", "HAS_DELTA", "HAS_LOWRANK", "HAS_ROW_SCALE", "HAS_BIAS"],
+    )(_readapt_linear_kernel)
 
 
-DECODE_M = 64  # at or below: weight-bandwidth bound, one row tile
+_tuned_kernel = _autotuned_kernel() if TRITON_MODE == "compile" else None
 
 
-def _pick_config(M: int, N: int, K: int, R: int, x: torch.Tensor) -> TileConfig:
-    """Tiles by regime (decode M ≤ 64 vs prefill); tests monkeypatch this to force configs."""
+# STREAM_READAPT_AUTOTUNE=0: on CUDA, take each regime's first candidate instead of timing them all
+# (no tuning pause on a new shape; slower kernels on some shapes).
+AUTOTUNE = os.environ.get("STREAM_READAPT_AUTOTUNE", "1") != "0"
+
+
+def _pick_config(M: int, N: int, K: int, R: int, x: torch.Tensor) -> TileConfig | None:
+    """Explicit tiles, or None to let the autotuner choose (CUDA). Tests monkeypatch this."""
     if INTERPRET and not x.is_cuda:
-        # Small tiles: ragged K/N/R take several masked iterations; decode exercises split-K.
-        return TileConfig(32, 64, 32, 32, group_m=2, num_warps=1, num_stages=1, split_k=2 if M <= DECODE_M else 1)
-    n_sm = _num_sms(x.device)
-    wide = x.element_size() >= 4  # fp32 tiles: halve BLOCK_K to stay inside shared memory
-    if M <= DECODE_M:
-        # Bandwidth bound: narrow N tiles give every SM a weight slice to stream; the shrink
-        # instead splits K (see _shrink_split). Autotuning these is future work.
-        block_n = 64 if triton.cdiv(N, 64) >= n_sm else 32
-        cfg = TileConfig(16, block_n, 64 if wide else 128, 64, group_m=1, num_warps=4, num_stages=4)
-    else:
-        cfg = TileConfig(128, 128, 32 if wide else 64, 32 if wide else 64, group_m=8, num_warps=8, num_stages=3)
-    return replace(cfg, split_k=_shrink_split(M, K, R, cfg, n_sm))
+        # Small tiles: ragged K/N/R take several masked iterations.
+        return TileConfig(32, 64, 32, 32, group_m=2, num_warps=1, num_stages=1)
+    return None if AUTOTUNE else tuning.candidates(M, x.element_size())[0]
 
 
-def _shrink_split(M: int, K: int, R: int, cfg: TileConfig, n_sm: int) -> int:
-    # The shrink has few M×R tiles (R is small): split K until ~2 CTAs per SM, ≥ 4 K-steps each.
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(R, cfg.block_r)
-    return max(1, min(2 * n_sm // tiles, triton.cdiv(K, 4 * cfg.block_k), 64))
+def _pick_shrink(M: int, K: int, R: int, x: torch.Tensor) -> ShrinkConfig:
+    if INTERPRET and not x.is_cuda:  # decode exercises split-K
+        return ShrinkConfig(32, 32, 32, split_k=2 if M <= tuning.DECODE_MAX_M else 1, num_warps=1, num_stages=1)
+    return tuning.shrink_config(M, K, R, _num_sms(x.device), x.element_size())
 
 
 def _precision(x: torch.Tensor) -> str | None:
@@ -234,7 +317,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _shrink(x2: torch.Tensor, down: torch.Tensor, cfg: TileConfig) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper or newer, and a Triton that exposes it."""
+    return HAS_GDC and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _shrink(x2: torch.Tensor, down: torch.Tensor, cfg: ShrinkConfig, use_pdl: bool) -> torch.Tensor:
     """t = x·down: [M, R] in fp32.
 
     Why fp32: split-K partial sums meet in atomic adds, which need fp32; t is tiny (M×R, vs
@@ -249,7 +338,7 @@ def _shrink(x2: torch.Tensor, down: torch.Tensor, cfg: TileConfig) -> torch.Tens
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(R, cfg.block_r), cfg.split_k)
     _shrink_kernel[grid](x2, down, t, M, K, R, *x2.stride(), *down.stride(), t.stride(0),
                          BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-                         SPLIT_K=cfg.split_k, PRECISION=_precision(x2),
+                         SPLIT_K=cfg.split_k, USE_PDL=use_pdl, PRECISION=_precision(x2),
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return t
 
@@ -262,26 +351,39 @@ def _launch(x, weight, delta, beta, down, up, bias, row_scale, out):
     y = _output(x, N, out)
     if M == 0:
         return y
-    cfg = _pick_config(M, N, K, R, x2)
-    t = _shrink(x2, down, cfg) if R > 0 else None
-    _gemm(x2, weight, delta, beta, t, up, bias, row_scale, y.view(M, N), cfg)
+    # The main GEMM may start while the shrink still runs, and waits for t only before its
+    # rank loop. Only right after our own shrink: x and W were complete before it began.
+    use_pdl = R > 0 and not INTERPRET and x2.is_cuda and _pdl_supported(x2.device)
+    t = _shrink(x2, down, _pick_shrink(M, K, R, x2), use_pdl) if R > 0 else None
+    _gemm(x2, weight, delta, beta, t, up, bias, row_scale, y.view(M, N), _pick_config(M, N, K, R, x2), use_pdl)
     return y
 
 
-def _gemm(x2, weight, delta, beta, t, up, bias, row_scale, y2, cfg: TileConfig) -> None:
-    """Launch the fused GEMM; disabled terms get placeholder pointers that are never read."""
+def _gemm(x2, weight, delta, beta, t, up, bias, row_scale, y2, cfg: TileConfig | None, use_pdl: bool) -> None:
+    """Launch the fused GEMM (autotuned when `cfg` is None); absent terms get placeholder
+    pointers that are never read."""
     (M, K), N = x2.shape, weight.shape[0]
     d = delta if delta is not None else weight
     t_, up_ = (t, up) if t is not None else (y2, weight)
     bias_ = bias.contiguous() if bias is not None else y2
     scale_ = row_scale.contiguous() if row_scale is not None else y2
+    R = t.shape[1] if t is not None else 0
+    args = (x2, weight, d, t_, up_, scale_, bias_, y2, M, N, K, R, float(beta), tuning.m_bucket(M),
+            *x2.stride(), *weight.stride(), *d.stride(), t_.stride(0), *up_.stride(), y2.stride(0))
+    flags = dict(HAS_DELTA=delta is not None, HAS_LOWRANK=t is not None, HAS_ROW_SCALE=row_scale is not None,
+                 HAS_BIAS=bias is not None, USE_PDL=use_pdl, PRECISION=_precision(x2))
+    if use_pdl:
+        flags["launch_pdl"] = True
+    if cfg is None:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _tuned_kernel[grid](*args, **flags, BLOCK_R=tuning.rank_block(R))
+        return
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _readapt_linear_kernel[grid](
-        x2, weight, d, t_, up_, scale_, bias_, y2, M, N, K, t_.shape[1] if t is not None else 0, float(beta),
-        *x2.stride(), *weight.stride(), *d.stride(), t_.stride(0), *up_.stride(), y2.stride(0),
-        HAS_DELTA=delta is not None, HAS_LOWRANK=t is not None, HAS_ROW_SCALE=row_scale is not None,
-        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m, PRECISION=_precision(x2),
+        *args, **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_R=cfg.block_r or tuning.rank_block(R), GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

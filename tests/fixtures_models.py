@@ -1,4 +1,4 @@
-"""Tiny real checkpoints built with transformers + peft, and float64 reference helpers.
+r"""Tiny real checkpoints built with transformers + peft, and float64 reference helpers.
 
 Everything here is independent of `stream_readapt`: plain functions that write Hugging
 Face folders (random init with a fixed seed, a few AdamW steps on random tokens) and

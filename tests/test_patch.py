@@ -65,6 +65,18 @@ def test_tied_qwen_with_biases(qwen_tied_pair, qwen_lora_adapter, tmp_path):
     torch.testing.assert_close(run(model), run(load(tmp_path / "merged")), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["full", "lore"])
+def test_patched_on_cuda_runs_triton_kernels(llama_pair, readapters, dora_adapter, tmp_path, kind):
+    """On CUDA the patched layers run the Triton kernels (fp32, IEEE dots): same logits as the merge."""
+    merge(llama_pair.base, tmp_path / "merged", readapter=readapters / kind, knowledge=dora_adapter, device="cpu")
+    model = patch_model(load(llama_pair.base).cuda(), readapter=readapters / kind, knowledge=dora_adapter)
+    with torch.no_grad():
+        got = model(input_ids=IDS.cuda()).logits.cpu()
+    torch.testing.assert_close(got, run(load(tmp_path / "merged")), rtol=2e-4, atol=2e-4)
+
+
 def test_set_scales_needs_a_patched_model(llama_pair):
     with pytest.raises(ValueError, match="patch_model first"):
         set_scales(load(llama_pair.base), 0.5, 0.5)

@@ -174,15 +174,59 @@ def test_leading_dims_and_noncontiguous_inputs(op):
     assert_rel_close(y, _expected(**p), TOL[torch.float32], f"{op} with strided inputs")
 
 
+TUNED = rl.tuning.DECODE_CONFIGS + rl.tuning.PREFILL_CONFIGS
+
+
+def _config_id(c) -> str:
+    return f"m{c.block_m}n{c.block_n}k{c.block_k}g{c.group_m}" + ("-swap" if c.swap_ab else "")
+
+
 @needs_triton
-@pytest.mark.parametrize("cfg", [
-    dict(block_m=16, block_n=16, block_k=16, block_r=16, group_m=1, split_k=1),
-    dict(block_m=16, block_n=32, block_k=16, block_r=16, group_m=3, split_k=5),
-], ids=["small-tiles", "split5-group3"])
-def test_tile_configs_agree(monkeypatch, cfg):
-    monkeypatch.setattr(rl, "_pick_config", lambda *a: rl.TileConfig(num_warps=1, num_stages=1, **cfg))
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter check (compiled, 58 variants take minutes); "
+                    "the GPU suite runs each regime's default tiles and the autotuner")
+@pytest.mark.parametrize("op", ["lowrank", "full"])
+@pytest.mark.parametrize("cfg", TUNED, ids=_config_id)
+def test_every_tuned_config_is_correct(monkeypatch, op, cfg):
+    """Each tile config the CUDA autotuner may pick, forced through the kernel on ragged shapes:
+    M inside the config's regime and not a tile multiple, K and N ragged, several rank tiles."""
+    M = cfg.block_m - 3 if cfg.block_m <= rl.tuning.DECODE_MAX_M else cfg.block_m + 37
+    monkeypatch.setattr(rl, "_pick_config", lambda *a: cfg)
+    # R = 41: three 16-wide rank tiles (`rank_block`), the last one ragged.
+    p = _problem(M, 2 * cfg.block_k + 5, cfg.block_n + 19, 41, torch.float32,
+                 bias=True, dora=True, full=op == "full")
+    assert_rel_close(_call(op, p), _expected(**p), TOL[torch.float32], f"{op} {cfg}")
+
+
+@needs_triton
+@pytest.mark.parametrize("shrink", [
+    rl.ShrinkConfig(16, 16, 16, split_k=1, num_warps=1, num_stages=1),
+    rl.ShrinkConfig(16, 32, 16, split_k=5, num_warps=1, num_stages=1),
+    rl.ShrinkConfig(64, 16, 32, split_k=64, num_warps=1, num_stages=1),  # more splits than K-steps
+], ids=["no-split", "split5", "split64"])
+def test_shrink_split_k_agrees(monkeypatch, shrink):
+    monkeypatch.setattr(rl, "_pick_shrink", lambda *a: shrink)
     p = _problem(40, 67, 45, 7, torch.float32, bias=True, dora=True)
-    assert_rel_close(_call("lowrank", p), _expected(**p), TOL[torch.float32], str(cfg))
+    assert_rel_close(_call("lowrank", p), _expected(**p), TOL[torch.float32], str(shrink))
+
+
+@pytest.mark.parametrize("M, block_m", [(1, 16), (16, 16), (17, 32), (33, 64), (64, 64)])
+def test_decode_candidates_cover_every_row_once(M, block_m):
+    """Decode tiles hold all M rows (the weight is streamed once) and fit shared memory."""
+    for elem in (2, 4):
+        got = rl.tuning.candidates(M, elem)
+        assert got and all(c.block_m == block_m and c.smem_bytes(elem) <= rl.tuning.SMEM_LIMIT for c in got)
+
+
+def test_prefill_candidates_and_buckets():
+    assert set(rl.tuning.candidates(65, 2)) == set(rl.tuning.PREFILL_CONFIGS)
+    fp32 = rl.tuning.candidates(4096, 4)
+    assert fp32 and len(fp32) < len(rl.tuning.PREFILL_CONFIGS)  # the 256-row, 4-stage tiles do not fit
+    assert [rl.tuning.m_bucket(m) for m in (1, 2, 3, 64, 65, 2048, 2049, 10 ** 6)] == \
+        [1, 2, 4, 64, 128, 2048, 4096, 8192]
+    # The shrink splits K to fill the SMs, but keeps ≥ 4 K-steps per split.
+    assert [rl.tuning.rank_block(r) for r in (64, 272, 1040, 80, 7)] == [64, 32, 64, 16, 16]
+    cfg = rl.tuning.shrink_config(1, 4096, 272, n_sm=132, elem=2)
+    assert cfg.split_k > 1 and cfg.split_k * 4 * cfg.block_k <= 4096 + 4 * cfg.block_k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

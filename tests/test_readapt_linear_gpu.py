@@ -23,6 +23,14 @@ SHAPES = [(1, 4096, 4096, 272), (16, 4096, 14336, 80), (64, 14336, 4096, 1088),
           (2048, 4096, 4096, 320), (333, 1000, 3001, 300), (4100, 2050, 1030, 7)]
 
 
+@pytest.fixture(autouse=True)
+def _untuned(request, monkeypatch):
+    """Each regime's first candidate tile (one compile per variant, not one per candidate): the
+    interpreter suite checks every candidate; test_autotuned_path covers the tuner itself."""
+    if "autotuned" not in request.node.name:
+        monkeypatch.setattr(rl, "_pick_config", lambda M, N, K, R, x: rl.tuning.candidates(M, x.element_size())[0])
+
+
 def _randn(*shape, dtype, scale=1.0):
     return (torch.randn(*shape, device="cuda", dtype=torch.float64) * scale).to(dtype)
 
@@ -74,3 +82,32 @@ def test_bf16_close_to_unfused_torch():
     unfused = torch.nn.functional.linear(x, w) + (x @ down) @ up.T
     err = lambda y: float((y.double() - want).norm() / want.norm())  # noqa: E731
     assert err(fused) <= 1.05 * err(unfused), (err(fused), err(unfused))
+
+
+@pytest.mark.parametrize("M", [16, 2048])
+def test_autotuned_path(M):
+    """Through `triton.autotune` (every candidate compiled and timed), both paths, bf16."""
+    assert rl.AUTOTUNE and rl._pick_config(M, 4096, 4096, 80, torch.empty(1, device="cuda")) is None
+    x, w, down, up, bias, row_scale = _inputs(M, 4096, 4096, 80, torch.bfloat16)
+    delta = _randn(*w.shape, dtype=torch.bfloat16, scale=0.5 / 64)
+    y = rl.readapt_linear_lowrank(x, w, down, up, bias=bias, row_scale=row_scale, out=_poisoned(M, 4096, x.dtype))
+    assert_rel_close(y, _expected(x, w, down=down, up=up, bias=bias, row_scale=row_scale), 1e-2, "lowrank")
+    y = rl.readapt_linear_full(x, w, delta, 0.5, bias=bias, row_scale=row_scale, out=_poisoned(M, 4096, x.dtype))
+    assert_rel_close(y, _expected(x, w, delta, 0.5, bias=bias, row_scale=row_scale), 1e-2, "full")
+
+
+def test_cuda_graph_replay_with_dependent_launch():
+    """Captured once, replayed on new activations: the shrink → GEMM dependency (programmatic
+    dependent launch on Hopper) must hold inside a graph as in eager mode."""
+    x, w, down, up, bias, row_scale = _inputs(4, 4096, 4096, 272, torch.bfloat16)
+    static_x = x.clone()
+    rl.readapt_linear_lowrank(static_x, w, down, up, bias=bias, row_scale=row_scale)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = rl.readapt_linear_lowrank(static_x, w, down, up, bias=bias, row_scale=row_scale)
+    for _ in range(3):
+        static_x.copy_(_randn(*x.shape, dtype=x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = _expected(static_x, w, down=down, up=up, bias=bias, row_scale=row_scale)
+        assert_rel_close(static_y, want, 1e-2, "graph replay")
