@@ -217,13 +217,17 @@ def main(argv=None) -> int:
     load_kernels(interpret=args.cpu_smoke)
     grid = SMOKE if args.cpu_smoke else QUICK if args.quick else dict(shapes=SHAPES, ms=MS, ranks=RANKS)
     dtype = torch.float32 if args.cpu_smoke else getattr(torch, args.dtype)
-    ctx, rows, results = harness.run_context(), [], []
+    ctx, n_rows, results = harness.run_context(), 0, []
+    print(f"{ctx['device']}; {ctx['version']}", flush=True)
     for case in cases(**grid):
         case_rows, p50, err, config = bench_case(case, dtype, "cuda" if on_gpu else "cpu", ctx, cpu_reps=3)
-        rows += case_rows
+        # Rows are appended case by case, so a run cut short by a time limit keeps what it measured.
+        csv_path, json_path = harness.write_rows(case_rows, args.out, "readapt_linear")
+        n_rows += len(case_rows)
         results.append((case, p50, err, config))
-    csv_path, json_path = harness.write_rows(rows, args.out, "readapt_linear")
-    print(f"{len(rows)} rows appended to {csv_path} and {json_path} ({ctx['device']}; {ctx['version']})")
+        print(f"{case}: fused {p50['fused']:.4f} ms, base {p50['cublas-base']:.4f} ms, "
+              f"unfused {p50['torch-unfused']:.4f} ms, err {err:.1e}, tiles {config}", flush=True)
+    print(f"{n_rows} rows appended to {csv_path} and {json_path}")
     missed = print_summary(results, on_gpu)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     wrong = [(c, e) for c, _, e, _ in results if not e <= tol]

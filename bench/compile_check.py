@@ -5,11 +5,12 @@ resource report and the machine code: what a GPU session would otherwise spend m
     python bench/compile_check.py --out bench/out      # also compile_check.json
 
 Per config and path (lowrank: x·Wᵀ + t·upᵀ with bias and DoRA scale; full: Φ + β·Δ merged in
-registers), it reports registers per thread, spill bytes (local memory), shared memory, and
-the count of tensor-core instructions in the SASS: HGMMA (Hopper's wgmma, the fast path; "reg A"
-counts those reading their left operand from registers, as the swapped full-rank path should) vs
-HMMA (mma.sync, the Ampere path). Needs Triton's bundled ptxas/cuobjdump (Linux wheels).
-`tests/test_kernel_compile.py` runs two representative variants of this in CI.
+registers; shrink: t = x·down at the decode and prefill launch configs), it reports registers
+per thread, spill bytes (local memory), shared memory, and the count of tensor-core
+instructions in the SASS: HGMMA (Hopper's wgmma, the fast path; "reg A" counts those reading
+their left operand from registers, as the swapped full-rank path should) vs HMMA (mma.sync,
+the Ampere path). Needs Triton's bundled ptxas/cuobjdump (Linux wheels).
+`tests/test_kernel_compile.py` runs four representative variants of this in CI.
 """
 from __future__ import annotations
 
@@ -32,25 +33,43 @@ from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-REG_LIMIT = 255
 
 
-def signature(dtype: str, flags: dict, cfg) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) of `_readapt_linear_kernel` for one variant, specialized as
-    Triton's launcher would for contiguous tensors of Llama shapes: unit column strides become
-    constants, and pointers, sizes and row strides are known multiples of 16."""
-    kernel = rl._readapt_linear_kernel
+def specialize(kernel, types: dict, const: dict, unit: tuple, unaligned: tuple = ("beta", "R", "M_BUCKET")):
+    """(signature, constexprs, attrs) of `kernel`, specialized as Triton's launcher would for
+    contiguous tensors of Llama shapes: unit strides become constants, and pointers, sizes and
+    other strides are known multiples of 16."""
     names = kernel.arg_names
+    const = dict(const, **dict.fromkeys(unit, 1))
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+    aligned = [n for n in names if n not in const and n not in unaligned]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return sig, {(names.index(n),): v for n, v in const.items()}, attrs
+
+
+def precision(dtype: str) -> str | None:
+    return "ieee" if dtype == "fp32" else None  # as `_precision` picks at launch
+
+
+def gemm_variant(cfg, path: str, dtype: str):
+    """The fused GEMM with every term on: bias, DoRA scale, rank loop after PDL's wait."""
     types = {"X_ptr": f"*{dtype}", "W_ptr": f"*{dtype}", "D_ptr": f"*{dtype}", "T_ptr": "*fp32",
              "U_ptr": f"*{dtype}", "S_ptr": "*fp32", "Bias_ptr": f"*{dtype}", "Y_ptr": f"*{dtype}",
              "beta": "fp32"}
+    const = dict(HAS_DELTA=path == "full", HAS_LOWRANK=True, HAS_ROW_SCALE=True, HAS_BIAS=True, USE_PDL=True,
+                 PRECISION=precision(dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                 BLOCK_R=cfg.block_r or 64, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab)
     unit = ("x_col_stride", "w_col_stride", "d_col_stride", "u_col_stride")
-    const = dict(flags, PRECISION=None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                 BLOCK_R=cfg.block_r or 64, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, **dict.fromkeys(unit, 1))
-    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-    aligned = [n for n in names if n not in const and n not in ("beta", "R", "M_BUCKET")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return sig, {(names.index(n),): v for n, v in const.items()}, attrs
+    return rl._readapt_linear_kernel, specialize(rl._readapt_linear_kernel, types, const, unit)
+
+
+def shrink_variant(cfg, dtype: str):
+    """The shrink t = x·down (split-K atomics when cfg.split_k > 1), triggering PDL."""
+    types = {"X_ptr": f"*{dtype}", "D_ptr": f"*{dtype}", "T_ptr": "*fp32"}
+    const = dict(BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                 USE_PDL=True, PRECISION=precision(dtype))
+    unit = ("x_col_stride", "d_col_stride")
+    return rl._shrink_kernel, specialize(rl._shrink_kernel, types, const, unit)
 
 
 def inspect_cubin(cubin: bytes) -> dict:
@@ -68,34 +87,42 @@ def inspect_cubin(cubin: bytes) -> dict:
 
 
 def compile_one(cfg, path: str, dtype: str) -> dict:
-    lowrank = path == "lowrank"
-    flags = dict(HAS_DELTA=not lowrank, HAS_LOWRANK=True, HAS_ROW_SCALE=True, HAS_BIAS=True, USE_PDL=True)
-    sig, const, attrs = signature(dtype, flags, cfg)
-    compiled = triton.compile(ASTSource(rl._readapt_linear_kernel, sig, constexprs=const, attrs=attrs), target=TARGET,
-                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=True))
+    """Compile one variant (path "lowrank", "full" or "shrink") for sm_90; its report as a dict."""
+    kernel, (sig, const, attrs) = shrink_variant(cfg, dtype) if path == "shrink" else gemm_variant(cfg, path, dtype)
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs=const, attrs=attrs), target=TARGET,
+                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                           launch_pdl=path != "shrink"))
+    ptx = compiled.asm["ptx"]
     row = {"path": path, "dtype": dtype, **cfg.__dict__, "shared_bytes": compiled.metadata.shared,
-           "pdl": "griddepcontrol.wait" in compiled.asm["ptx"]}
+           "pdl": ("griddepcontrol.launch_dependents" if path == "shrink" else "griddepcontrol.wait") in ptx}
     row.update(inspect_cubin(compiled.asm["cubin"]))
     row["ok"] = row["local_bytes"] == 0 and row["spill_ops"] == 0 and row["shared_bytes"] <= rl.tuning.SMEM_LIMIT
     return row
 
 
+def _print(row: dict, cfg) -> None:
+    name = f"{cfg.block_m}x{getattr(cfg, 'block_n', cfg.block_r)}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+    name += " swap" if getattr(cfg, "swap_ab", False) else f" split{cfg.split_k}" if row["path"] == "shrink" else ""
+    print(f"{row['path']:8} {name:34} {row['regs']:4} {row['local_bytes']:5} {row['shared_bytes'] / 1024:7.1f} "
+          f"{row['hgmma']:5} {row['hgmma_reg_a']:5} {row['hmma']:5}  {'ok' if row['ok'] else 'SPILLS/SMEM'}",
+          flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--out", help="directory for compile_check.json")
     args = p.parse_args(argv)
     rows = []
     print(f"{'path':8} {'config':34} {'regs':>4} {'local':>5} {'smem KB':>7} {'HGMMA':>5} {'reg A':>5} {'HMMA':>5}  ok")
-    for cfg in rl.tuning.DECODE_CONFIGS + rl.tuning.PREFILL_CONFIGS:
-        for path in ("lowrank", "full"):
-            row = compile_one(cfg, path, args.dtype)
-            rows.append(row)
-            name = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}" + \
-                   (" swap" if cfg.swap_ab else "")
-            print(f"{path:8} {name:34} {row['regs']:4} {row['local_bytes']:5} {row['shared_bytes'] / 1024:7.1f} "
-                  f"{row['hgmma']:5} {row['hgmma_reg_a']:5} {row['hmma']:5}  {'ok' if row['ok'] else 'SPILLS/SMEM'}",
-                  flush=True)
+    elem = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    tiles = [rl.tuning.FP32_CONFIG] if elem == 4 else rl.tuning.DECODE_CONFIGS + rl.tuning.PREFILL_CONFIGS
+    # The shrink's launch configs for a decode and a prefill Llama-3-8B projection (rank 272).
+    shrinks = {rl.tuning.shrink_config(M, 4096, 272, n_sm=132, elem=elem) for M in (1, 16, 64, 2048)}
+    for cfg, path in [(c, p) for c in tiles for p in ("lowrank", "full")] + [(c, "shrink") for c in shrinks]:
+        row = compile_one(cfg, path, args.dtype)
+        rows.append(row)
+        _print(row, cfg)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "compile_check.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -273,7 +273,7 @@ def _autotuned_kernel():
     by_tile = {c: triton.Config(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                                      GROUP_M=c.group_m, SWAP_AB=c.swap_ab),
                                 num_warps=c.num_warps, num_stages=c.num_stages)
-               for c in tuning.DECODE_CONFIGS + tuning.PREFILL_CONFIGS}
+               for c in tuning.DECODE_CONFIGS + tuning.PREFILL_CONFIGS + [tuning.FP32_CONFIG]}
 
     def prune(configs, named_args, **kwargs):
         x = named_args["X_ptr"]

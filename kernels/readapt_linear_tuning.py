@@ -33,10 +33,6 @@ class TileConfig:
     num_stages: int = 3
     swap_ab: bool = False
 
-    def smem_bytes(self, elem: int) -> int:
-        """Shared memory the pipelined x and weight tiles need (what prunes a config)."""
-        return self.num_stages * (self.block_m + self.block_n) * self.block_k * elem
-
 
 @dataclass(frozen=True)
 class ShrinkConfig:
@@ -94,17 +90,21 @@ PREFILL_CONFIGS = [
     TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, swap_ab=True),
 ]
 
-SMEM_LIMIT = 227 * 1024  # per-block maximum on sm_90 (H100/H200)
+SMEM_LIMIT = 227 * 1024  # per-block maximum on sm_90 (H100/H200); every table entry fits in bf16/fp16
+
+# fp32 inputs run IEEE dots on the FMA units (no tensor cores): a correctness path, not a fast
+# one. With Δ merged in registers, larger or pipelined fp32 tiles spill or overflow shared
+# memory (`compile_check.py --dtype fp32`); this one compiles clean for both paths.
+FP32_CONFIG = TileConfig(64, 64, 32, group_m=8, num_warps=4, num_stages=1)
 
 
 def candidates(M: int, elem: int) -> list[TileConfig]:
     """The configs worth timing for M rows of `elem`-byte operands (never empty)."""
+    if elem >= 4:
+        return [FP32_CONFIG]
     if M <= DECODE_MAX_M:
-        pool = [c for c in DECODE_CONFIGS if c.block_m == decode_block_m(M)]
-    else:
-        pool = PREFILL_CONFIGS
-    fitting = [c for c in pool if c.smem_bytes(elem) <= SMEM_LIMIT]
-    return fitting or [min(pool, key=lambda c: c.smem_bytes(elem))]
+        return [c for c in DECODE_CONFIGS if c.block_m == decode_block_m(M)]
+    return list(PREFILL_CONFIGS)
 
 
 def m_bucket(M: int) -> int:

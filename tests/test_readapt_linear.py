@@ -174,7 +174,7 @@ def test_leading_dims_and_noncontiguous_inputs(op):
     assert_rel_close(y, _expected(**p), TOL[torch.float32], f"{op} with strided inputs")
 
 
-TUNED = rl.tuning.DECODE_CONFIGS + rl.tuning.PREFILL_CONFIGS
+TUNED = rl.tuning.DECODE_CONFIGS + rl.tuning.PREFILL_CONFIGS + [rl.tuning.FP32_CONFIG]
 
 
 def _config_id(c) -> str:
@@ -211,20 +211,18 @@ def test_shrink_split_k_agrees(monkeypatch, shrink):
 
 @pytest.mark.parametrize("M, block_m", [(1, 16), (16, 16), (17, 32), (33, 64), (64, 64)])
 def test_decode_candidates_cover_every_row_once(M, block_m):
-    """Decode tiles hold all M rows (the weight is streamed once) and fit shared memory."""
-    for elem in (2, 4):
-        got = rl.tuning.candidates(M, elem)
-        assert got and all(c.block_m == block_m and c.smem_bytes(elem) <= rl.tuning.SMEM_LIMIT for c in got)
+    """Decode tiles hold all M rows, so the weight is streamed once."""
+    got = rl.tuning.candidates(M, 2)
+    assert got and all(c.block_m == block_m for c in got)
 
 
 def test_prefill_candidates_and_buckets():
-    assert set(rl.tuning.candidates(65, 2)) == set(rl.tuning.PREFILL_CONFIGS)
-    fp32 = rl.tuning.candidates(4096, 4)
-    assert fp32 and len(fp32) < len(rl.tuning.PREFILL_CONFIGS)  # the 256-row, 4-stage tiles do not fit
+    assert rl.tuning.candidates(65, 2) == rl.tuning.PREFILL_CONFIGS
+    assert rl.tuning.candidates(1, 4) == rl.tuning.candidates(4096, 4) == [rl.tuning.FP32_CONFIG]
     assert [rl.tuning.m_bucket(m) for m in (1, 2, 3, 64, 65, 2048, 2049, 10 ** 6)] == \
         [1, 2, 4, 64, 128, 2048, 4096, 8192]
-    # The shrink splits K to fill the SMs, but keeps ≥ 4 K-steps per split.
     assert [rl.tuning.rank_block(r) for r in (64, 272, 1040, 80, 7)] == [64, 32, 64, 16, 16]
+    # The shrink splits K to fill the SMs, but keeps ≥ 4 K-steps per split.
     cfg = rl.tuning.shrink_config(1, 4096, 272, n_sm=132, elem=2)
     assert cfg.split_k > 1 and cfg.split_k * 4 * cfg.block_k <= 4096 + 4 * cfg.block_k
 
@@ -302,3 +300,21 @@ def test_bad_arguments_raise_value_error(change, match):
     kw = dict(weight=torch.zeros(5, 7), down=torch.zeros(7, 3), up=torch.zeros(5, 3)) | change
     with pytest.raises(ValueError, match=match):
         rl.readapt_linear_lowrank(torch.zeros(2, 7), kw.pop("weight"), kw.pop("down"), kw.pop("up"), **kw)
+
+
+@pytest.mark.skipif(rl.triton is None, reason="needs triton")
+def test_autotuner_offers_each_regime_its_table():
+    """The CUDA autotuner (built here without a GPU) times only the candidates of M's regime."""
+    tuner = rl._autotuned_kernel()  # Triton checks that every key names a kernel argument
+
+    def offered(M, dtype):
+        configs = tuner.early_config_prune(tuner.configs, {"X_ptr": torch.empty(1, dtype=dtype), "M": M})
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SWAP_AB"], c.num_warps,
+                 c.num_stages) for c in configs]
+
+    def table(configs):
+        return [(c.block_m, c.block_n, c.block_k, c.swap_ab, c.num_warps, c.num_stages) for c in configs]
+
+    assert offered(3, torch.bfloat16) == table(rl.tuning.candidates(3, 2)) and len(offered(3, torch.bfloat16)) > 1
+    assert offered(2048, torch.float16) == table(rl.tuning.PREFILL_CONFIGS)
+    assert offered(2048, torch.float32) == table([rl.tuning.FP32_CONFIG])

