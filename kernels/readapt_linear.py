@@ -112,6 +112,9 @@ def _base_loop(acc, X_ptr, x_row_stride, x_col_stride, W_ptr, w_row_stride, w_co
     offs_k = tl.arange(0, BLOCK_K)
     for k in range(0, K, BLOCK_K):
         ks = k + offs_k
+        # One K mask shared by the x, W and Δ loads, written out per orientation: folding
+        # these loads into per-tile helpers (each with its own mask) raised register use and
+        # made 7 of 61 variants spill (bench/compile_check.py).
         in_k = ks < K
         if SWAP_AB:
             x_mask = in_k[:, None] & (offs_m[None, :] < M)

@@ -95,7 +95,7 @@ SMEM_LIMIT = 227 * 1024  # per-block maximum on sm_90 (H100/H200); every table e
 # fp32 inputs run IEEE dots on the FMA units (no tensor cores): a correctness path, not a fast
 # one. With Δ merged in registers, larger or pipelined fp32 tiles spill or overflow shared
 # memory (`compile_check.py --dtype fp32`); this one compiles clean for both paths.
-FP32_CONFIG = TileConfig(64, 64, 32, group_m=8, num_warps=4, num_stages=1)
+FP32_CONFIG = TileConfig(64, 64, 16, group_m=8, num_warps=4, num_stages=1)
 
 
 def candidates(M: int, elem: int) -> list[TileConfig]:
