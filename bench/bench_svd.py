@@ -1,6 +1,7 @@
 """Benchmark our randomized SVD against torch.linalg.svd on LLM-shaped Δ matrices.
 
-    python bench/bench_svd.py                    # CPU: 2048×5632 and 5632×2048; + 70B shapes on CUDA
+    python bench/bench_svd.py                    # CPU: 2048×5632 and 5632×2048; + 4096×14336 on CUDA
+    python bench/bench_svd.py --large            # + 8192×28672 (Llama-3-70B MLP; slow full SVD)
     python bench/bench_svd.py --quick            # one small shape, a smoke run
     python bench/bench_svd.py --reps 5 --out bench/out
 
@@ -23,7 +24,8 @@ from harness_cpu import cpu_model
 from stream_readapt.lowrank import randomized_svd
 
 CPU_SHAPES = [(2048, 5632), (5632, 2048)]  # Llama-7B-class MLP projections, both ways
-CUDA_SHAPES = CPU_SHAPES + [(4096, 14336), (8192, 28672)]  # Llama-3-8B / -70B MLP
+CUDA_SHAPES = CPU_SHAPES + [(4096, 14336)]  # + Llama-3-8B MLP
+LARGE_SHAPES = [(8192, 28672)]  # Llama-3-70B MLP: its full SVD alone may take minutes
 QUICK_SHAPES = [(512, 1409)]
 RANKS = [64, 256, 1024]
 ENERGY = 0.5
@@ -124,6 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per case on the CPU")
     p.add_argument("--quick", action="store_true", help="one small shape and k=64 only: a smoke run")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    p.add_argument("--large", action="store_true", help=f"also {LARGE_SHAPES} (minutes for the full SVD)")
     return p.parse_args(argv)
 
 
@@ -132,15 +135,20 @@ def main(argv=None) -> None:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     shapes = QUICK_SHAPES if args.quick else (CUDA_SHAPES if use_cuda else CPU_SHAPES)
+    shapes = shapes + (LARGE_SHAPES if args.large else [])
     ranks = [64] if args.quick else RANKS
     ctx = run_context(device)
     print(f"device: {ctx['device']}; {ctx['version']}; load average at start {os.getloadavg()[0]:.2f}")
     rows = [harness.make_row("svd", "machine", "-", 0, "-", "loadavg_1m_start", os.getloadavg()[0], ctx)]
+    harness.write_rows(rows, args.out, "svd")
     for m, n in shapes:
-        rows += bench_shape(m, n, ranks, args.reps, device, ctx)
+        shape_rows = bench_shape(m, n, ranks, args.reps, device, ctx)
+        harness.write_rows(shape_rows, args.out, "svd")  # shape by shape: a cut-short run keeps them
+        rows += shape_rows
         print(f"done {m}x{n}", flush=True)
-    rows.append(harness.make_row("svd", "machine", "-", 0, "-", "loadavg_1m_end", os.getloadavg()[0], ctx))
-    csv_path, _ = harness.write_rows(rows, args.out, "svd")
+    end = [harness.make_row("svd", "machine", "-", 0, "-", "loadavg_1m_end", os.getloadavg()[0], ctx)]
+    csv_path, _ = harness.write_rows(end, args.out, "svd")
+    rows += end
     print(summary(rows))
     print(target_line(rows))
     print(f"load average at end {os.getloadavg()[0]:.2f} "

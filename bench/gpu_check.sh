@@ -10,11 +10,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
-pip install -q --no-deps -e . >/dev/null 2>&1
+# Nothing can be downloaded there: fall back to the image's own setuptools if isolation fails.
+pip install -q --no-deps -e . >/dev/null 2>&1 || pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+python -c "import stream_readapt.kernels" || { echo "gpu_check: stream_readapt did not install" | tee "$OUT/gpu.txt"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     2>&1 | tee "$OUT/gpu.txt"
-timeout 250 python bench/bench_readapt_linear.py --quick --out "$OUT" >"$OUT/bench_kernels.log" 2>&1
+TRITON_PRINT_AUTOTUNING=1 timeout 250 python bench/bench_readapt_linear.py --quick --out "$OUT" >"$OUT/bench_kernels.log" 2>&1
 echo "bench_readapt_linear exit $?" >>"$OUT/bench_kernels.log"
 tail -22 "$OUT/bench_kernels.log"
 timeout 200 python -m pytest -q -rs tests/test_readapt_linear_gpu.py tests/test_patch.py tests/test_lowrank.py \

@@ -1,8 +1,8 @@
 """Shared benchmark harness: time a callable, describe the machine, append result rows to CSV/JSON.
 
 Rows are long-format dicts: name, provider, shape, M, ranks, metric, value, device, version,
-timestamp. GPU timings use `triton.testing.do_bench` (L2 flushed between runs); on the CPU a
-repeated wall clock stands in for it.
+timestamp. GPU timings use `triton.testing.do_bench` (L2 flushed between runs; CUDA events
+for calls over 100 ms); on the CPU a repeated wall clock stands in for it.
 """
 from __future__ import annotations
 
@@ -21,19 +21,38 @@ FIELDS = ["name", "provider", "shape", "M", "ranks", "metric", "value", "device"
 QUANTILES = (0.2, 0.5, 0.8)
 
 
-def time_ms(fn: Callable[[], object], *, cpu_reps: int = 5) -> tuple[float, float, float]:
-    """(p20, p50, p80) milliseconds per call of `fn`."""
+def time_ms(fn: Callable[[], object], *, cpu_reps: int = 5, slow_ms: float = 100.0) -> tuple[float, float, float]:
+    """(p20, p50, p80) milliseconds per call of `fn`.
+
+    On a GPU: `triton.testing.do_bench`, unless one call takes over `slow_ms` (a full SVD of a
+    70B-sized matrix): do_bench would run it at least 7 times, so `cpu_reps` - 1 calls timed
+    with CUDA events stand in for it, after the first (warm-up) call.
+    """
     if torch.cuda.is_available():
         import triton.testing
 
-        return tuple(triton.testing.do_bench(fn, quantiles=list(QUANTILES)))
-    fn()  # warm-up (compiles, fills caches)
-    times = []
-    for _ in range(cpu_reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+        first = _cuda_call_ms(fn)  # also compiles, creates handles, fills caches
+        if first < slow_ms:
+            return tuple(triton.testing.do_bench(fn, quantiles=list(QUANTILES)))
+        times = [_cuda_call_ms(fn) for _ in range(max(1, cpu_reps - 1))]
+    else:
+        fn()  # warm-up (compiles, fills caches)
+        times = []
+        for _ in range(cpu_reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
     return tuple(float(torch.tensor(times).quantile(q)) for q in QUANTILES)
+
+
+def _cuda_call_ms(fn: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
 
 
 def peak_memory_gb(fn: Callable[[], object]) -> float | None:
