@@ -35,7 +35,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def specialize(kernel, types: dict, const: dict, unit: tuple, unaligned: tuple = ("beta", "R", "M_BUCKET")):
+def specialize(kernel, types: dict, const: dict, unit: tuple,
+               unaligned: tuple = ("beta", "R", "M_BUCKET", "R_BUCKET")):
     """(signature, constexprs, attrs) of `kernel`, specialized as Triton's launcher would for
     contiguous tensors of Llama shapes: unit strides become constants, and pointers, sizes and
     other strides are known multiples of 16."""

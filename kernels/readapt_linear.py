@@ -199,7 +199,7 @@ def _shrink_kernel(X_ptr, D_ptr, T_ptr, M, K, R,
 @jit
 def _readapt_linear_kernel(
     X_ptr, W_ptr, D_ptr, T_ptr, U_ptr, S_ptr, Bias_ptr, Y_ptr,
-    M, N, K, R, beta, M_BUCKET,
+    M, N, K, R, beta, M_BUCKET, R_BUCKET,
     x_row_stride, x_col_stride, w_row_stride, w_col_stride, d_row_stride, d_col_stride,
     t_row_stride, u_row_stride, u_col_stride, y_row_stride,
     HAS_DELTA: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
@@ -210,8 +210,8 @@ def _readapt_linear_kernel(
     """y = x·(s⊙W + β·Δ)ᵀ + t·upᵀ + bias, or (x·Wᵀ)⊙s + t·upᵀ + bias without Δ.
 
     x: [M, K], w/Δ: [N, K], t = x·down: [M, R] fp32, up: [N, R], s (row_scale), bias: [N].
-    Every term accumulates into one fp32 tile; y is written once, in x's dtype. M_BUCKET is
-    only the autotuner's key (M rounded to a power of two).
+    Every term accumulates into one fp32 tile; y is written once, in x's dtype. M_BUCKET and
+    R_BUCKET are only the autotuner's key (M and R rounded up to powers of two).
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -269,8 +269,10 @@ INTERPRET = TRITON_MODE == "interpret"
 def _autotuned_kernel():
     """The fused GEMM under `triton.autotune`, choosing among `tuning.candidates` per shape.
 
-    Keyed on (M bucket, N, K, R, which terms are present, dtypes): a serving process tunes
-    each projection shape once per M bucket (about a second each), then reuses the choice.
+    Keyed on (M bucket, N, K, R bucket, which terms are present, dtypes): a serving process
+    tunes each projection shape once per M bucket (about a second each), then reuses the
+    choice. R is bucketed too: LoRE ranks differ from module to module, and a Llama's 224
+    projections must not each pause to tune.
     BLOCK_R is not tuned: `tuning.rank_block` fits it to R at launch.
     """
     by_tile = {c: triton.Config(dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
@@ -284,7 +286,7 @@ def _autotuned_kernel():
 
     return triton.autotune(
         configs=list(by_tile.values()), prune_configs_by={"early_config_prune": prune},
-        key=["M_BUCKET", "N", "K", "R", "HAS_DELTA", "HAS_LOWRANK", "HAS_ROW_SCALE", "HAS_BIAS"],
+        key=["M_BUCKET", "N", "K", "R_BUCKET", "HAS_DELTA", "HAS_LOWRANK", "HAS_ROW_SCALE", "HAS_BIAS"],
     )(_readapt_linear_kernel)
 
 
@@ -372,6 +374,7 @@ def _gemm(x2, weight, delta, beta, t, up, bias, row_scale, y2, cfg: TileConfig |
     scale_ = row_scale.contiguous() if row_scale is not None else y2
     R = t.shape[1] if t is not None else 0
     args = (x2, weight, d, t_, up_, scale_, bias_, y2, M, N, K, R, float(beta), tuning.m_bucket(M),
+            tuning.m_bucket(R) if R else 0,
             *x2.stride(), *weight.stride(), *d.stride(), t_.stride(0), *up_.stride(), y2.stride(0))
     flags = dict(HAS_DELTA=delta is not None, HAS_LOWRANK=t is not None, HAS_ROW_SCALE=row_scale is not None,
                  HAS_BIAS=bias is not None, USE_PDL=use_pdl, PRECISION=_precision(x2))

@@ -108,7 +108,7 @@ def candidates(M: int, elem: int) -> list[TileConfig]:
 
 
 def m_bucket(M: int) -> int:
-    """Autotuning key for M: a power of two, so a new prompt length rarely re-tunes."""
+    """Autotuning key for M (and R): a power of two, so a new prompt length rarely re-tunes."""
     return 1 << max(0, M - 1).bit_length() if M <= 8192 else 8192
 
 
