@@ -9,7 +9,7 @@
 * full rank: y = x·(row_scale⊙Φ + β·Δ)ᵀ + (x·down)·upᵀ + bias, with Φ and Δ tiles
   combined in registers before each dot.
 
-On CUDA the GEMM's tiles are autotuned per (M bucket, N, K, R) among the candidates in
+On CUDA the GEMM's tiles are autotuned per (M bucket, N, K, R bucket) among the candidates in
 `readapt_linear_tuning` (decode and prefill tables; `swap_ab` variants compute the transposed
 product so the weight tile is wgmma's register operand). On Hopper the GEMM is launched with
 programmatic dependent launch: it starts while the shrink still runs, and waits for t only
