@@ -158,9 +158,13 @@ def randomized_svd(
             # A large fixed k on a slow spectrum needs oversampling in proportion: with k/4
             # the error stays within 1.02x optimal at k = 512 (1.04x with a fixed 8).
             max_basis = min(limit, k_cap + max(oversample, k_cap // 4))
-            if 4 * max_basis >= limit:  # a short side (k/v projections): the full basis is
-                max_basis = limit  # cheap here and makes the result exact (1.02x -> 1.00x)
-            Q, B, _ = _extend_basis(A, _empty_basis(A), max_basis, max_basis, power_iters, gen)
+            if 4 * max_basis >= limit:
+                # A short side (k/v projections) or a large k: the complete basis is cheap
+                # relative to the sketch and makes the result exact (1.02x -> 1.00x). Any
+                # complete basis spans everything, so take the identity: B = A, no sketch.
+                Q, B = None, A
+            else:
+                Q, B, _ = _extend_basis(A, _empty_basis(A), max_basis, max_basis, power_iters, gen)
         else:
             Q, B = _energy_basis(A, total, target, max_basis, block_size, oversample,
                                  power_iters, gen)
@@ -281,12 +285,18 @@ def _range_block(A, Q, b, power_iters, gen):
     return _orth_against(Y, Q)
 
 
+# Factorizations with more columns than this keep every thread (see `_one_thread`).
+_THIN_COLUMNS = 512
+
+
 @contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Thin QR / LU / small SVDs gain nothing from threads on the CPU, and on a busy machine
+def _one_thread(X: torch.Tensor):
+    """Thin QR / LU / small SVDs gain little from threads on the CPU, and on a busy machine
     OpenMP's spin-waits made them 20-50x slower (measured: 8.4 s vs 0.15 s of QR for 21
-    Llama-1B matrices). The big products around them keep every thread."""
-    if device.type != "cpu":
+    Llama-1B matrices). The big products around them keep every thread, and so do thick
+    factorizations (a complete basis: QR of 5632×2048 took 1.66 s on one thread, 1.20 s on
+    two; the SVD of its 2048² factor 3.28 s vs 2.32 s, on the quiet 2-core machine)."""
+    if X.device.type != "cpu" or min(X.shape[-2:]) > _THIN_COLUMNS:
         yield
         return
     threads = torch.get_num_threads()
@@ -300,7 +310,7 @@ def _one_thread(device: torch.device):
 def _lu_basis(X):
     """P·L from X = P·L·U: the same range as X, well conditioned (|L_ij| ≤ 1), several times
     cheaper than QR; the power-iteration normalizer of fbpca and scikit-learn."""
-    with _one_thread(X.device):
+    with _one_thread(X):
         return _lu_basis_factor(X)
 
 
@@ -324,28 +334,28 @@ def _project_out(Y, Q):
 def _orth_against(Y, Q):
     """Orthonormalize Y against span(Q) and itself (block Gram–Schmidt, twice)."""
     if Q.shape[1] == 0:
-        with _one_thread(Y.device):
+        with _one_thread(Y):
             return torch.linalg.qr(Y).Q
     for _ in range(2):
         # The second pass works on unit columns, so it also cleans up blocks that were
         # almost inside span(Q) (rank-deficient A), where one pass leaves O(1) overlap.
         Y = _project_out(Y, Q)
-        with _one_thread(Y.device):
+        with _one_thread(Y):
             Y = torch.linalg.qr(Y).Q
     return Y
 
 
 def _truncate(Q, B, total, target, k_cap) -> LowRankFactors:
+    """Factors from B = QᵀA (Q None: the identity, B = A)."""
     # B [q, n] is wide: LAPACK's SVD of it is slow, the SVD of Bᵀ's small R factor is not.
-    with _one_thread(B.device):
+    with _one_thread(B):
         Qb, R = torch.linalg.qr(B.mT)  # B = Rᵀ·Qbᵀ
         Ur, S, Vrh = torch.linalg.svd(R.mT)
     k = k_cap if target is None else rank_for_energy(S, target, total_energy=total)
     k = min(k, k_cap, S.numel())
-    return LowRankFactors(
-        U=Q @ Ur[:, :k], S=S[:k].clone(), Vh=Vrh[:k] @ Qb.mT, total_energy=total,
-        spectrum=S.cpu(),
-    )
+    U = Ur[:, :k] if Q is None else Q @ Ur[:, :k]
+    return LowRankFactors(U=U.contiguous(), S=S[:k].clone(), Vh=Vrh[:k] @ Qb.mT, total_energy=total,
+                          spectrum=S.cpu())
 
 
 def _zero_factors(A, k) -> LowRankFactors:
