@@ -36,10 +36,10 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def specialize(kernel, types: dict, const: dict, unit: tuple,
-               unaligned: tuple = ("beta", "R", "M_BUCKET", "R_BUCKET")):
+               unaligned: tuple = ("beta", "M", "R", "M_BUCKET", "R_BUCKET")):
     """(signature, constexprs, attrs) of `kernel`, specialized as Triton's launcher would for
-    contiguous tensors of Llama shapes: unit strides become constants, and pointers, sizes and
-    other strides are known multiples of 16."""
+    contiguous tensors of Llama shapes: unit strides become constants, and pointers, N, K and
+    other strides are known multiples of 16 (M never is: the kernels do not specialize it)."""
     names = kernel.arg_names
     const = dict(const, **dict.fromkeys(unit, 1))
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}

@@ -34,6 +34,14 @@ except ImportError:  # CPU-only install: kernels below are defined but never lau
     tl = SimpleNamespace(constexpr=None)
 
 jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+def _jit_unspecialized(*names):
+    """triton.jit that does not specialize these integer arguments. By default Triton compiles
+    anew for M == 1, M % 16 == 0 and the rest; row masks make M's alignment worthless, and a
+    serving process would pay each compile (and autotuning) again."""
+    return triton.jit(do_not_specialize=list(names)) if triton is not None else (lambda fn: fn)
+
 try:  # programmatic dependent launch (Hopper+), in Triton since 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -162,7 +170,7 @@ def _rank_loop(acc, T_ptr, t_row_stride, U_ptr, u_row_stride, u_col_stride, offs
     return acc
 
 
-@jit
+@_jit_unspecialized("M")
 def _shrink_kernel(X_ptr, D_ptr, T_ptr, M, K, R,
                    x_row_stride, x_col_stride, d_row_stride, d_col_stride, t_row_stride,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -196,7 +204,7 @@ def _shrink_kernel(X_ptr, D_ptr, T_ptr, M, K, R,
         tl.atomic_add(ptrs, acc, mask=mask)
 
 
-@jit
+@_jit_unspecialized("M", "M_BUCKET", "R_BUCKET")
 def _readapt_linear_kernel(
     X_ptr, W_ptr, D_ptr, T_ptr, U_ptr, S_ptr, Bias_ptr, Y_ptr,
     M, N, K, R, beta, M_BUCKET, R_BUCKET,
