@@ -122,7 +122,7 @@ def bench_case(case: Case, dtype: torch.dtype, device: str, ctx: dict, cpu_reps:
         case.kernel, prov, case.shape, case.M, case.ranks, metric, value, ctx)
     for provider in ("fused", "cublas-base", "torch-unfused"):
         fn = setup(provider, case, t)
-        fn()  # compiles, and for `fused` autotunes this shape, outside the timed runs
+        # time_ms's untimed first call compiles, and for `fused` autotunes this shape.
         q = harness.time_ms(fn, cpu_reps=cpu_reps)
         p50[provider] = q[1]
         rows += [row(provider, f"ms_p{int(100 * p)}", v) for p, v in zip(harness.QUANTILES, q)]
