@@ -5,7 +5,9 @@
     python bench/bench_readapt_linear.py --cpu-smoke                   # no GPU: tiny shape, interpreter
 
 Providers per case: `fused` (ours), `cublas-base` (F.linear with the base weight alone: the
-floor) and `torch-unfused` (the same math as separate PyTorch ops). Rows go to
+floor) and `torch-unfused` (the same math as separate PyTorch ops); decode low-rank cases add
+`fused-splitk`, ours with the shrink split over K as it is launched without programmatic
+dependent launch (zero fill + atomics), to show what overlapping it saves. Rows go to
 `<out>/readapt_linear.{csv,json}`; a summary compares the p50 ratios with the targets.
 """
 from __future__ import annotations
@@ -88,6 +90,25 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str) -> dict:
     return t
 
 
+def providers(case: Case) -> list[str]:
+    extra = ["fused-splitk"] if case.kernel == "lowrank" and case.R and case.M <= DECODE_MAX_M else []
+    return ["fused", "cublas-base", "torch-unfused"] + extra
+
+
+def _with_split_k_shrink(fn):
+    """`fn` run with the shrink's split-K config even where dependent launch would overlap it."""
+    pick = rl._pick_shrink
+
+    def run():
+        rl._pick_shrink = lambda M, K, R, x, overlapped: pick(M, K, R, x, False)
+        try:
+            return fn()
+        finally:
+            rl._pick_shrink = pick
+
+    return run
+
+
 def setup(provider: str, case: Case, t: dict):
     """A zero-argument callable running `provider` on `case`."""
     x, w = t["x"], t["w"]
@@ -100,6 +121,8 @@ def setup(provider: str, case: Case, t: dict):
     down, up = t["down"], t["up"]
     if provider == "fused":
         return lambda: rl.readapt_linear_lowrank(x, w, down, up)
+    if provider == "fused-splitk":
+        return _with_split_k_shrink(lambda: rl.readapt_linear_lowrank(x, w, down, up))
     return lambda: F.linear(x, w) + (x @ down) @ up.T
 
 
@@ -120,7 +143,7 @@ def bench_case(case: Case, dtype: torch.dtype, device: str, ctx: dict, cpu_reps:
     rows, p50 = [], {}
     row = lambda prov, metric, value: harness.make_row(  # noqa: E731
         case.kernel, prov, case.shape, case.M, case.ranks, metric, value, ctx)
-    for provider in ("fused", "cublas-base", "torch-unfused"):
+    for provider in providers(case):
         fn = setup(provider, case, t)
         # time_ms's untimed first call compiles, and for `fused` autotunes this shape.
         q = harness.time_ms(fn, cpu_reps=cpu_reps)
@@ -174,6 +197,8 @@ def print_summary(results: list[tuple[Case, dict, float, str]], on_gpu: bool) ->
             below_floor = "fused/base" in name and bound < case.floor_vs_base()
             marks.append(f"{name} {bound}: {value:.2f} "
                          + ("ok" if met else "MISSED (below the floor)" if below_floor else "MISSED"))
+        if "fused-splitk" in p50:
+            marks.append(f"split-K shrink {p50['fused-splitk'] / p50['fused']:.2f}x fused")
         marks.append(f"tiles {config}")
         print(f"{case.kernel:8} {case.shape:>12} {case.M:>5} {case.ranks:>16} {p50['fused']:9.3f} "
               f"{p50['cublas-base']:9.3f} {p50['torch-unfused']:10.3f} {case.floor_vs_base():5.2f}  "

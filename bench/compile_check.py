@@ -118,8 +118,10 @@ def main(argv=None) -> int:
     print(f"{'path':8} {'config':34} {'regs':>4} {'local':>5} {'smem KB':>7} {'HGMMA':>5} {'reg A':>5} {'HMMA':>5}  ok")
     elem = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
     tiles = [rl.tuning.FP32_CONFIG] if elem == 4 else rl.tuning.DECODE_CONFIGS + rl.tuning.PREFILL_CONFIGS
-    # The shrink's launch configs for a decode and a prefill Llama-3-8B projection (rank 272).
-    shrinks = {rl.tuning.shrink_config(M, 4096, 272, n_sm=132, elem=elem) for M in (1, 16, 64, 2048)}
+    # The shrink's launch configs for a decode and a prefill Llama-3-8B projection (rank 272),
+    # split-K on its own and unsplit under dependent launch (`overlapped`).
+    shrinks = {rl.tuning.shrink_config(M, 4096, R, n_sm=132, elem=elem, overlapped=o)
+               for M in (1, 16, 64, 2048) for R in (272, 1088) for o in (False, True)}
     for cfg, path in [(c, p) for c in tiles for p in ("lowrank", "full")] + [(c, "shrink") for c in shrinks]:
         row = compile_one(cfg, path, args.dtype)
         rows.append(row)

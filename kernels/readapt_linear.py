@@ -314,10 +314,11 @@ def _pick_config(M: int, N: int, K: int, R: int, x: torch.Tensor) -> TileConfig 
     return None if AUTOTUNE else tuning.candidates(M, x.element_size())[0]
 
 
-def _pick_shrink(M: int, K: int, R: int, x: torch.Tensor) -> ShrinkConfig:
+def _pick_shrink(M: int, K: int, R: int, x: torch.Tensor, overlapped: bool) -> ShrinkConfig:
+    """`overlapped`: the GEMM will run its base loop while the shrink runs (dependent launch)."""
     if INTERPRET and not x.is_cuda:  # decode exercises split-K
         return ShrinkConfig(32, 32, 32, split_k=2 if M <= tuning.DECODE_MAX_M else 1, num_warps=1, num_stages=1)
-    return tuning.shrink_config(M, K, R, _num_sms(x.device), x.element_size())
+    return tuning.shrink_config(M, K, R, _num_sms(x.device), x.element_size(), overlapped=overlapped)
 
 
 def _precision(x: torch.Tensor) -> str | None:
@@ -367,7 +368,7 @@ def _launch(x, weight, delta, beta, down, up, bias, row_scale, out):
     # The main GEMM may start while the shrink still runs, and waits for t only before its
     # rank loop. Only right after our own shrink: x and W were complete before it began.
     use_pdl = R > 0 and not INTERPRET and x2.is_cuda and _pdl_supported(x2.device)
-    t = _shrink(x2, down, _pick_shrink(M, K, R, x2), use_pdl) if R > 0 else None
+    t = _shrink(x2, down, _pick_shrink(M, K, R, x2, use_pdl), use_pdl) if R > 0 else None
     _gemm(x2, weight, delta, beta, t, up, bias, row_scale, y.view(M, N), _pick_config(M, N, K, R, x2), use_pdl)
     return y
 

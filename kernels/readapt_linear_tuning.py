@@ -112,8 +112,19 @@ def m_bucket(M: int) -> int:
     return 1 << max(0, M - 1).bit_length() if M <= 8192 else 8192
 
 
-def shrink_config(M: int, K: int, R: int, n_sm: int, elem: int) -> ShrinkConfig:
-    """Tiles of t = x·down: it has few M×R tiles (R is small), so split K to fill the SMs."""
+def shrink_config(M: int, K: int, R: int, n_sm: int, elem: int, *, overlapped: bool = False) -> ShrinkConfig:
+    """Tiles of t = x·down. It has few M×R tiles (R is small), so on its own it splits K to fill
+    the SMs, summing the splits with fp32 atomics into a zero-filled t.
+
+    `overlapped`: the GEMM is launched with programmatic dependent launch and streams its base
+    loop while the shrink runs, so a decode shrink need not be fast, only done before that loop
+    ends. It then skips split-K, whose zero fill is one more launch on the critical path, and
+    narrows the R tiles instead: each tile reads K×block_r of `down`, no more than a GEMM tile
+    reads of the weight (block_n ≥ 32).
+    """
+    if overlapped and M <= DECODE_MAX_M:
+        block_r = next((b for b in (32, 16) if -(-R // b) >= n_sm // 4), 16)
+        return ShrinkConfig(decode_block_m(M), block_r, 64 if elem >= 4 else 128, num_warps=4, num_stages=4)
     if M <= DECODE_MAX_M:
         cfg = ShrinkConfig(decode_block_m(M), 64, 64 if elem >= 4 else 128, num_warps=4, num_stages=4)
     else:

@@ -21,7 +21,7 @@ def test_kernel_benchmark_cpu_smoke(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "readapt_linear.csv").open()))
-    assert {r["provider"] for r in rows} == {"fused", "cublas-base", "torch-unfused"}
+    assert {r["provider"] for r in rows} == {"fused", "cublas-base", "torch-unfused", "fused-splitk"}
     errors = [float(r["value"]) for r in rows if r["metric"] == "rel_err"]
     assert len(errors) == 2 and max(errors) <= 1e-5  # lowrank and full, fp32 through the interpreter
     assert "floor" in run.stdout and (tmp_path / "readapt_linear.json").exists()

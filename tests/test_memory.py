@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from stream_readapt.writer import CheckpointWriter
-
-ROWS, COLS = 40_000, 4096  # one bf16 tensor of 328 MB (655 MB in float32)
-BLOCK_ROWS = 2_000
-
-
-def _write_big_checkpoint(folder, seed: int, config: dict) -> None:
-    folder.mkdir()
-    gen = torch.Generator().manual_seed(seed)
-    block = torch.randn(BLOCK_ROWS, COLS, generator=gen).to(torch.bfloat16)
-    writer = CheckpointWriter(folder, [["model.embed_tokens.weight", "model.norm.weight"]], metadata={"format": "pt"})
-    writer.begin("model.embed_tokens.weight", torch.bfloat16, (ROWS, COLS))
-    for i in range(ROWS // BLOCK_ROWS):
-        writer.write(torch.roll(block, shifts=i + seed, dims=1))  # cheap, non-repeating rows
-    writer.end()
-    writer.add("model.norm.weight", torch.ones(COLS, dtype=torch.bfloat16))
-    writer.finalize()
-    (folder / "config.json").write_text(json.dumps(config))
+from big_checkpoint import COLS, ROWS, write_big_checkpoint
 
 
 def _peak_rss_mb(code: str) -> float:
@@ -38,9 +19,8 @@ def _peak_rss_mb(code: str) -> float:
 
 @pytest.mark.slow
 def test_merge_peak_rss_is_bounded(tmp_path):
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}
-    _write_big_checkpoint(tmp_path / "base", 0, config)
-    _write_big_checkpoint(tmp_path / "instruct", 1, config)
+    write_big_checkpoint(tmp_path / "base", 0)
+    write_big_checkpoint(tmp_path / "instruct", 1)
     baseline = _peak_rss_mb("import torch, stream_readapt")
     peak = _peak_rss_mb(
         "from stream_readapt import merge\n"

@@ -202,7 +202,9 @@ def test_every_tuned_config_is_correct(monkeypatch, op, cfg):
     rl.ShrinkConfig(16, 16, 16, split_k=1, num_warps=1, num_stages=1),
     rl.ShrinkConfig(16, 32, 16, split_k=5, num_warps=1, num_stages=1),
     rl.ShrinkConfig(64, 16, 32, split_k=64, num_warps=1, num_stages=1),  # more splits than K-steps
-], ids=["no-split", "split5", "split64"])
+    rl.tuning.shrink_config(1, 4096, 272, n_sm=132, elem=2, overlapped=True),  # decode under PDL, as launched
+    rl.tuning.shrink_config(64, 4096, 1088, n_sm=132, elem=2, overlapped=True),
+], ids=["no-split", "split5", "split64", "overlapped-m1", "overlapped-m64"])
 def test_shrink_split_k_agrees(monkeypatch, shrink):
     monkeypatch.setattr(rl, "_pick_shrink", lambda *a: shrink)
     p = _problem(40, 67, 45, 7, torch.float32, bias=True, dora=True)
@@ -225,6 +227,14 @@ def test_prefill_candidates_and_buckets():
     # The shrink splits K to fill the SMs, but keeps ≥ 4 K-steps per split.
     cfg = rl.tuning.shrink_config(1, 4096, 272, n_sm=132, elem=2)
     assert cfg.split_k > 1 and cfg.split_k * 4 * cfg.block_k <= 4096 + 4 * cfg.block_k
+    # Under dependent launch a decode shrink hides behind the base loop: no split (no zero fill,
+    # no atomics), narrow R tiles; no wider than the narrowest decode GEMM tile (block_n 32).
+    for M, R in [(1, 272), (16, 80), (64, 1088)]:
+        cfg = rl.tuning.shrink_config(M, 4096, R, n_sm=132, elem=2, overlapped=True)
+        assert cfg.split_k == 1 and cfg.block_r <= min(c.block_n for c in rl.tuning.DECODE_CONFIGS)
+        assert cfg.block_m == rl.tuning.decode_block_m(M)
+    assert rl.tuning.shrink_config(2048, 4096, 272, n_sm=132, elem=2, overlapped=True) == \
+        rl.tuning.shrink_config(2048, 4096, 272, n_sm=132, elem=2)  # prefill: unchanged
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

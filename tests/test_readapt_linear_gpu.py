@@ -73,6 +73,19 @@ def test_full_gpu(dtype, tol, shape):
     assert_rel_close(y, want, tol, "full")
 
 
+@pytest.mark.parametrize("overlapped", [True, False], ids=["unsplit-shrink", "split-k-shrink"])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "M{}-K{}-N{}-R{}".format(*s))
+def test_decode_shrink_policies(monkeypatch, shape, overlapped):
+    """Both decode shrinks, whatever the card: unsplit (hidden behind the base loop under
+    dependent launch, the default on Hopper) and split over K (atomics into a zero-filled t)."""
+    pick = rl._pick_shrink
+    monkeypatch.setattr(rl, "_pick_shrink", lambda M, K, R, x, _: pick(M, K, R, x, overlapped))
+    x, w, down, up, bias, row_scale = _inputs(*shape, torch.bfloat16)
+    y = rl.readapt_linear_lowrank(x, w, down, up, bias=bias, row_scale=row_scale,
+                                  out=_poisoned(shape[0], shape[2], x.dtype))
+    assert_rel_close(y, _expected(x, w, down=down, up=up, bias=bias, row_scale=row_scale), 1e-2, "lowrank")
+
+
 def test_bf16_close_to_unfused_torch():
     """The fused bf16 result is at least as close to float64 as PyTorch's own unfused bf16 sequence."""
     x, w, down, up, _, _ = _inputs(64, 4096, 4096, 320, torch.bfloat16)
