@@ -58,7 +58,7 @@ class ReadaptLinear(nn.Module):
         self.down, self.up, self.row_scale = fold_lowrank(
             U, None, V, A, B, s, alpha=alpha, beta=beta, magnitude_scale=self.dora_scale, dtype=self.weight.dtype
         )
-        self.delta = _combine(t.full, alpha, beta, self.weight.dtype)
+        self.delta, self.delta_scale = _full_weight_term(t.full, alpha, beta, self.weight.dtype)
         self.bias_eff = _combined_bias(self.bias, self.bias_terms, alpha, beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,8 @@ class ReadaptLinear(nn.Module):
         # Triton kernels on CUDA; on the CPU their references (never the slow interpreter).
         full, lowrank = (readapt_linear_full, readapt_linear_lowrank) if x.is_cuda else (readapt_linear_full_ref, readapt_linear_lowrank_ref)
         if self.delta is not None:
-            return full(x, self.weight, self.delta, 1.0, bias=self.bias_eff, row_scale=row_scale, down=self.down, up=self.up)
+            return full(x, self.weight, self.delta, self.delta_scale, bias=self.bias_eff, row_scale=row_scale,
+                        down=self.down, up=self.up)
         if self.down is None:  # only bias terms
             return F.linear(x, self.weight, self.bias_eff)
         return lowrank(x, self.weight, self.down, self.up, bias=self.bias_eff, row_scale=row_scale)
@@ -94,6 +95,18 @@ class ReadaptEmbedding(nn.Module):
             A, B, s = self.terms.lora
             out += (self.alpha * s) * F.embedding(ids, B).float() @ A.float()
         return out.to(self.weight.dtype)
+
+
+def _full_weight_term(full: dict[str, torch.Tensor], alpha: float, beta: float, dtype):
+    """(tensor, scale) for the fused full-rank kernel, which scales the tensor in fp32 registers.
+
+    One stored tensor (the usual case: a full RE-Adapter's Δ) is passed as it is, so a layer
+    holds no second weight-sized copy and `set_scales` costs nothing; two (Δ and a saved
+    weight's Ψ on the same layer) are combined, at (1, 1)."""
+    if len(full) == 1:
+        (name, tensor), = full.items()
+        return tensor, {"alpha": alpha, "beta": beta}[name]
+    return _combine(full, alpha, beta, dtype), 1.0
 
 
 def _combine(full: dict[str, torch.Tensor], alpha: float, beta: float, dtype) -> torch.Tensor | None:
@@ -140,9 +153,9 @@ def _full_terms(names, read, base_params: dict[str, torch.Tensor], scale: str, i
         if name not in base_params:
             continue
         phi = base_params[name]
-        value = read(name).to(phi.device, torch.float32)
-        rows = phi.shape[0] if phi.dim() else 1
-        into.setdefault(name, Terms()).full[scale] = value[:rows].to(phi.dtype)  # added rows: see patch_model
+        value = read(name)
+        value = value[: phi.shape[0]] if phi.dim() else value  # added rows: see patch_model
+        into.setdefault(name, Terms()).full[scale] = value.to(phi.device, phi.dtype)
 
 
 def load_terms(model: nn.Module, readapter=None, knowledge=None) -> dict[str, Terms]:

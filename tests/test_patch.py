@@ -42,15 +42,26 @@ def test_patched_logits_equal_merged_checkpoint(llama_pair, readapters, request,
     torch.testing.assert_close(run(model), run(load(merged)), rtol=2e-4, atol=2e-4)
 
 
-def test_set_scales_is_live(llama_pair, readapters, dora_adapter, tmp_path):
-    model = patch_model(load(llama_pair.base), readapter=readapters / "lore", knowledge=dora_adapter)
-    for alpha, beta in ((0.0, 1.0), (1.0, 0.0), (0.3, 0.8)):
-        merge(llama_pair.base, tmp_path / f"m{alpha}{beta}", readapter=readapters / "lore", knowledge=dora_adapter,
+@pytest.mark.parametrize("kind", ["lore", "full"])
+def test_set_scales_is_live(llama_pair, readapters, dora_adapter, tmp_path, kind):
+    model = patch_model(load(llama_pair.base), readapter=readapters / kind, knowledge=dora_adapter)
+    for alpha, beta in ((0.0, 1.0), (1.0, 0.0), (0.3, 0.8), (-0.5, 1.5)):
+        merge(llama_pair.base, tmp_path / f"m{alpha}{beta}", readapter=readapters / kind, knowledge=dora_adapter,
               alpha=alpha, beta=beta, device="cpu")
         set_scales(model, alpha, beta)
         torch.testing.assert_close(run(model), run(load(tmp_path / f"m{alpha}{beta}")), rtol=2e-4, atol=2e-4)
     set_scales(model, 0.0, 0.0)
     torch.testing.assert_close(run(model), run(load(llama_pair.base)), rtol=1e-5, atol=1e-5)
+
+
+def test_full_readapter_layers_hold_no_merged_copy(llama_pair, readapters, lora_adapter):
+    """A full Δ is handed to the kernel with β as its scale: no second weight-sized tensor per
+    layer, and set_scales allocates none."""
+    model = patch_model(load(llama_pair.base), readapter=readapters / "full", knowledge=lora_adapter)
+    layers = [m for m in model.modules() if isinstance(m, ReadaptLinear)]
+    assert layers and all(m.delta is m.terms.full["beta"] for m in layers)
+    set_scales(model, 0.2, 0.9)
+    assert all(m.delta is m.terms.full["beta"] and m.delta_scale == 0.9 for m in layers)
 
 
 def test_embedding_lora_patches_embedding(llama_pair, readapters, rslora_adapter):
