@@ -122,7 +122,8 @@ def _write_deltas(tmp, pairs, phi, theta, out_dtype, dev, max_shard_size, block_
 
 def _norms(delta_sq: float, base_sq: float) -> dict:
     rel = math.sqrt(delta_sq / base_sq) if base_sq else (0.0 if delta_sq == 0 else math.inf)
-    return {"norm": math.sqrt(delta_sq), "rel_norm": rel}
+    # base_norm: lets `patch_model` tell whether a loaded model is the base this Δ was made from.
+    return {"norm": math.sqrt(delta_sq), "rel_norm": rel, "base_norm": math.sqrt(base_sq)}
 
 
 def _square_sum(block: torch.Tensor) -> float:

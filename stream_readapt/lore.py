@@ -164,20 +164,23 @@ def _write_targets(writer, targets, phi, theta, out_dtype, dev, svd_options, blo
     return modules
 
 
-def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes: int) -> torch.Tensor:
-    """Δ of one weight as a float32 matrix on the device, filled a row block at a time."""
+def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes: int) -> tuple[torch.Tensor, float]:
+    """Δ of one weight as a float32 matrix on the device, filled a row block at a time, and ‖Φ‖."""
     rows, cols = t.pair.shape
     delta = torch.empty(rows, cols, dtype=torch.float32, device=dev)
+    base_sq = 0.0
     for start, stop in row_blocks(rows, cols, block_bytes):
         # Convert straight into Δ's rows: no float32 temporaries for Θ and Φ.
         delta[start:stop].copy_(theta.read_rows(t.pair.name, start, stop).to(dev))
-        delta[start:stop].sub_(phi.read_rows(t.pair.base, start, stop).to(dev))
+        base = phi.read_rows(t.pair.base, start, stop).to(dev)
+        base_sq += float(torch.linalg.vector_norm(base, dtype=torch.float32)) ** 2
+        delta[start:stop].sub_(base)
     check_finite(delta, t.pair.name)
-    return delta
+    return delta, math.sqrt(base_sq)
 
 
 def _write_lowrank(writer, t: Target, phi, theta, dtype, dev, svd_options, block_bytes) -> dict:
-    delta = delta_matrix(t, phi, theta, dev, block_bytes)
+    delta, base_norm = delta_matrix(t, phi, theta, dev, block_bytes)
     f = randomized_svd(delta, **svd_options)
     del delta
     root = f.S.sqrt()
@@ -188,10 +191,10 @@ def _write_lowrank(writer, t: Target, phi, theta, dtype, dev, svd_options, block
     else:
         writer.add(f"{PREFIX}{t.module}.lora_A.weight", A.to(dtype).cpu())
         writer.add(f"{PREFIX}{t.module}.lora_B.weight", B.to(dtype).cpu())
-    return module_record(t, f)
+    return module_record(t, f, base_norm)
 
 
-def module_record(t: Target, f: LowRankFactors) -> dict:
+def module_record(t: Target, f: LowRankFactors, base_norm: float) -> dict:
     energy = f.spectrum.double().square().cumsum(0) / f.total_energy if f.total_energy else f.spectrum.double() * 0
     step = max(1, math.ceil(len(energy) / SPECTRUM_POINTS))
     return {
@@ -202,6 +205,7 @@ def module_record(t: Target, f: LowRankFactors) -> dict:
         "rel_error": round(f.relative_error, 6),
         "explained_variance": [round(float(v), 5) for v in energy[::step]],
         "explained_variance_step": step,
+        "base_norm": base_norm,  # ‖Φ‖: lets `patch_model` tell whether a loaded model is this base
     }
 
 

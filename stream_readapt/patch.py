@@ -11,8 +11,10 @@ are small and are recomputed from Φ, Δ and Ψ when the scales change.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,12 @@ from .kernels.readapt_linear import (
     fold_lowrank, readapt_linear_full, readapt_linear_full_ref, readapt_linear_lowrank, readapt_linear_lowrank_ref,
 )
 from .peft_adapter import PeftAdapter
+from .plan import base_name_for
+from .safetensors_reader import CheckpointError
 from .sources import FullDelta, open_readapter
+
+logger = logging.getLogger(__name__)
+BASE_NORM_RTOL = 1e-3  # bf16/fp16 rounding moves a weight's norm by ~1e-5; another base by far more
 
 
 @dataclass
@@ -158,25 +165,87 @@ def _full_terms(names, read, base_params: dict[str, torch.Tensor], scale: str, i
         into.setdefault(name, Terms()).full[scale] = value.to(phi.device, phi.dtype)
 
 
-def load_terms(model: nn.Module, readapter=None, knowledge=None) -> dict[str, Terms]:
-    """Everything the readapter (Δ, scale β) and the knowledge adapter (Ψ, scale α) add, per parameter."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+class LoadedBase:
+    """A loaded model seen as a checkpoint (names, shapes, config), so the adapters' own base
+    checks (`plan`, `check_base`: every tensor has a counterpart of a fitting shape) run on it."""
+
+    def __init__(self, model: nn.Module):
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.names = list(self.params)
+        self.config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
+        self.source = f"{type(model).__name__} (loaded model)"
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.params
+
+    def info(self, name: str) -> SimpleNamespace:
+        p = self.params[name]
+        return SimpleNamespace(shape=tuple(p.shape), dtype=p.dtype)
+
+
+def load_terms(model: nn.Module, readapter=None, knowledge=None, *, ignore_base_mismatch=False) -> dict[str, Terms]:
+    """Everything the readapter (Δ, scale β) and the knowledge adapter (Ψ, scale α) add, per parameter.
+
+    Raises CheckpointError, before anything is loaded, when an adapter does not fit the model:
+    a tensor or target module it lacks, a shape that differs, or (unless `ignore_base_mismatch`)
+    a readapter whose recorded base weight norms are not this model's.
+    """
+    base = LoadedBase(model)
+    params = base.params
     device = next(model.parameters()).device
     terms: dict[str, Terms] = {}
     if readapter is not None:
         delta = open_readapter(readapter)
-        if isinstance(delta, FullDelta):
-            _full_terms(delta.ckpt.names, delta.ckpt.read, params, "beta", terms)
-        else:
-            _merge_terms(terms, _lowrank_terms(delta.adapter, device, as_lore=True))
-            _replacement_terms(delta.adapter, params, "beta", terms)
-        delta.close()
+        try:
+            delta.plan(base)
+            _check_base_norms(delta, base, ignore_base_mismatch)
+            if isinstance(delta, FullDelta):
+                _full_terms(delta.ckpt.names, delta.ckpt.read, params, "beta", terms)
+            else:
+                _merge_terms(terms, _lowrank_terms(delta.adapter, device, as_lore=True))
+                _replacement_terms(delta.adapter, params, "beta", terms)
+        finally:
+            delta.close()
     if knowledge is not None:
         psi = PeftAdapter(knowledge)
-        _merge_terms(terms, _lowrank_terms(psi, device, as_lore=False))
-        _replacement_terms(psi, params, "alpha", terms)
-        psi.close()
+        try:
+            psi.check_base(base, resolve=lambda n: base_name_for(base, n))
+            _merge_terms(terms, _lowrank_terms(psi, device, as_lore=False))
+            _replacement_terms(psi, params, "alpha", terms)
+        finally:
+            psi.close()
     return terms
+
+
+def recorded_base_norms(manifest: dict | None) -> dict[str, float]:
+    """‖Φ‖ per base parameter, as `extract` recorded it (older manifests: ‖Δ‖ / (‖Δ‖/‖Φ‖))."""
+    manifest = manifest or {}
+    norms = {}
+    for name, rec in manifest.get("tensors", {}).items():  # full RE-Adapter
+        if "base_norm" in rec:
+            norms[name] = rec["base_norm"]
+        elif isinstance(rec.get("rel_norm"), float) and 0 < rec["rel_norm"] < float("inf"):
+            norms[name] = rec["norm"] / rec["rel_norm"]
+    for module, rec in manifest.get("modules", {}).items():  # LoRE-Adapter: its low-rank modules
+        if "base_norm" in rec:
+            norms[f"{module}.weight"] = rec["base_norm"]
+    return norms
+
+
+def _check_base_norms(delta, base: LoadedBase, ignore: bool) -> None:
+    """Same names and shapes are not the same model (a Llama and a Qwen of one size match):
+    compare the weight norms the readapter recorded with the loaded model's."""
+    for name, want in recorded_base_norms(delta.manifest).items():
+        if name not in base:
+            continue
+        got = float(torch.linalg.vector_norm(base.params[name].detach(), dtype=torch.float32))
+        if abs(got - want) > BASE_NORM_RTOL * max(want, 1e-30):
+            msg = (f"{delta.folder}: RE-Adapter was extracted from another base than {base.source} "
+                   f"(‖{name}‖ is {got:.6g}, recorded {want:.6g})")
+            if not ignore:
+                raise CheckpointError(msg + "; pass ignore_base_mismatch=True to go on")
+            logger.warning(msg)
+            return
 
 
 def _replacement_terms(adapter: PeftAdapter, params, scale: str, into: dict[str, Terms]) -> None:
@@ -207,6 +276,7 @@ def patch_model(
     *,
     alpha: float = 0.5,
     beta: float = 0.5,
+    ignore_base_mismatch: bool = False,
 ) -> nn.Module:
     """Swap `model`'s layers for readapted ones (in place); returns the model.
 
@@ -215,6 +285,8 @@ def patch_model(
         readapter: a full RE-Adapter or LoRE-Adapter folder from `extract` (Δ).
         knowledge: a PEFT LoRA/rsLoRA/DoRA folder trained on the base (Ψ).
         alpha, beta: initial scales; change them later with `set_scales`.
+        ignore_base_mismatch: patch even if the readapter's recorded base weight norms are
+            not this model's (by default a CheckpointError: it was made for another base).
 
     Rows the instruct model added to the vocabulary are not added here: the
     patched model keeps the base vocabulary (merge a checkpoint to get them).
@@ -224,7 +296,9 @@ def patch_model(
         >>> patch_model(model, readapter="lore", knowledge="lora")
         >>> set_scales(model, alpha=0.3, beta=0.7)
     """
-    terms = load_terms(model, readapter, knowledge)
+    if _is_patched(model):
+        raise ValueError("model is already patched: change α and β with set_scales, or patch a freshly loaded base")
+    terms = load_terms(model, readapter, knowledge, ignore_base_mismatch=ignore_base_mismatch)
     _tie_lm_head(model, terms)
     for name, module in list(model.named_modules()):
         weight_terms = terms.get(f"{name}.weight")
@@ -275,6 +349,11 @@ def _patch_other_params(model: nn.Module, terms: dict[str, Terms]) -> None:
         if t is not None and t.full and id(param) not in handled:
             keepers.append(_ParamReadapter(param, t))
     model._readapt_params = keepers  # a plain list: no new parameters or state_dict keys
+
+
+def _is_patched(model: nn.Module) -> bool:
+    return hasattr(model, "_readapt_params") or any(
+        isinstance(m, (ReadaptLinear, ReadaptEmbedding)) for m in model.modules())
 
 
 def set_scales(model: nn.Module, alpha: float, beta: float) -> None:

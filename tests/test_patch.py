@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stream_readapt import extract, merge, patch_model, set_scales
-from stream_readapt.patch import ReadaptEmbedding, ReadaptLinear
+from stream_readapt.patch import ReadaptEmbedding, ReadaptLinear, recorded_base_norms
+from stream_readapt.safetensors_reader import CheckpointError
 
 IDS = torch.tensor([[1, 5, 9, 42, 7, 299, 3, 17]])
 
@@ -86,6 +87,44 @@ def test_patched_on_cuda_runs_triton_kernels(llama_pair, readapters, dora_adapte
     with torch.no_grad():
         got = model(input_ids=IDS.cuda()).logits.cpu()
     torch.testing.assert_close(got, run(load(tmp_path / "merged")), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["full", "lore"])
+def test_refuses_a_readapter_of_another_base(llama_pair, readapters, kind, caplog):
+    """The instruct model has the base's names and shapes: only the recorded weight norms tell."""
+    with pytest.raises(CheckpointError, match="extracted from another base.*ignore_base_mismatch"):
+        patch_model(load(llama_pair.instruct), readapter=readapters / kind)
+    model = patch_model(load(llama_pair.instruct), readapter=readapters / kind, ignore_base_mismatch=True)
+    assert any(isinstance(m, ReadaptLinear) for m in model.modules()) and "another base" in caplog.text
+
+
+def test_refuses_adapters_that_do_not_fit(llama_pair, qwen_tied_pair, lora_adapter, tmp_path):
+    extract(qwen_tied_pair.base, qwen_tied_pair.instruct, tmp_path / "qwen-re", device="cpu")
+    with pytest.raises(CheckpointError, match="k_proj.bias' has no counterpart"):
+        patch_model(load(llama_pair.base), readapter=tmp_path / "qwen-re")  # same sizes, Qwen's biases
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    narrow = AutoConfig.from_pretrained(llama_pair.base, intermediate_size=160)  # MLP 160 wide, not 176
+    with pytest.raises(CheckpointError, match="down_proj.*do not fit the base weight"):
+        patch_model(AutoModelForCausalLM.from_config(narrow), knowledge=lora_adapter)
+    model = patch_model(load(llama_pair.base), knowledge=lora_adapter)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model, knowledge=lora_adapter)
+
+
+def test_recorded_base_norms_from_old_manifests(llama_pair, readapters):
+    import json
+
+    manifest = json.loads((readapters / "full" / "manifest.json").read_text())
+    now = recorded_base_norms(manifest)
+    for rec in manifest["tensors"].values():  # before base_norm was recorded: ‖Δ‖ / (‖Δ‖/‖Φ‖)
+        rec.pop("base_norm")
+    old = recorded_base_norms(manifest)
+    assert set(old) == set(now) and all(abs(old[k] - now[k]) <= 1e-9 * now[k] for k in now)
+    phi = load(llama_pair.base).state_dict()
+    assert all(abs(float(phi[k].norm()) - v) <= 1e-5 * v for k, v in now.items())
+    lore = recorded_base_norms(json.loads((readapters / "lore" / "manifest.json").read_text()))
+    assert len(lore) == 14 and all(abs(float(phi[k].norm()) - v) <= 1e-5 * v for k, v in lore.items())
 
 
 def test_set_scales_needs_a_patched_model(llama_pair):
