@@ -9,13 +9,14 @@ Only safetensors are read: pickled `.bin` checkpoints are refused.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import posixpath
 from pathlib import Path
 
 import torch
 
 from .hub import resolve_model_dir
+from .jsonfile import load_json_object
 from .safetensors_reader import CheckpointError, SafetensorsFile, TensorInfo
 
 SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors", "readapter.safetensors")
@@ -23,20 +24,17 @@ INDEX_FILES = ("model.safetensors.index.json", "readapter.safetensors.index.json
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+def _inside(folder: Path, rel) -> Path:
+    """`folder/rel`, refusing names that escape the folder (absolute, `..`).
 
-
-def _inside(folder: Path, rel: str) -> Path:
-    """`folder/rel`, refusing names that escape the folder (absolute, `..`, symlinks out)."""
-    target = (folder / rel).resolve()
-    if Path(rel).is_absolute() or not target.is_relative_to(folder.resolve()):
+    The check is on the name, not on where a symlink leads: the Hugging Face cache links every
+    snapshot file to its blob store outside the snapshot folder."""
+    if not isinstance(rel, str) or not rel:
+        raise CheckpointError(f"{folder}: index entry {rel!r} is not a file name")
+    norm = posixpath.normpath(rel)
+    if posixpath.isabs(norm) or os.path.isabs(rel) or norm == ".." or norm.startswith("../"):
         raise CheckpointError(f"{folder}: index entry {rel!r} points outside the checkpoint folder")
-    return target
+    return folder / norm
 
 
 class Checkpoint:
@@ -47,10 +45,10 @@ class Checkpoint:
         >>> ckpt.info("model.norm.weight").shape
     """
 
-    def __init__(self, folder: Path, files: list[SafetensorsFile], weight_map: dict[str, str]):
+    def __init__(self, folder: Path, files: dict[str, SafetensorsFile], weight_map: dict[str, str]):
         self.folder = folder
-        self.files = {f.path.name: f for f in files}
-        self.weight_map = weight_map  # tensor name -> shard file name, in shard order
+        self.files = files  # shard path relative to the folder -> file
+        self.weight_map = weight_map  # tensor name -> shard path relative to the folder, in shard order
         self.source = str(folder)
         self._names: list[str] | None = None
         self._fingerprint: str | None = None
@@ -72,20 +70,22 @@ class Checkpoint:
         if single is None:
             return cls._from_loose_files(folder)
         f = SafetensorsFile(single)
-        return cls(folder, [f], {name: single.name for name in f.tensors})
+        return cls(folder, {single.name: f}, {name: single.name for name in f.tensors})
 
     @classmethod
     def _from_index(cls, folder: Path, index: Path) -> "Checkpoint":
-        weight_map = _load_json(index).get("weight_map")
+        weight_map = load_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no weight_map")
         files: dict[str, SafetensorsFile] = {}
+        shard_of = {}
         for name, rel in weight_map.items():
+            rel = shard_of[name] = posixpath.normpath(_inside(folder, rel).relative_to(folder).as_posix())
             if rel not in files:
-                files[rel] = SafetensorsFile(_inside(folder, rel))
+                files[rel] = SafetensorsFile(folder / rel)
             if name not in files[rel].tensors:
                 raise CheckpointError(f"{folder / rel}: index names tensor {name!r} but the shard lacks it")
-        return cls(folder, list(files.values()), dict(weight_map))
+        return cls(folder, files, shard_of)
 
     @classmethod
     def _from_loose_files(cls, folder: Path) -> "Checkpoint":
@@ -101,7 +101,7 @@ class Checkpoint:
             )
             raise CheckpointError(f"{folder}: {why}")
         f = SafetensorsFile(shards[0])
-        return cls(folder, [f], {name: shards[0].name for name in f.tensors})
+        return cls(folder, {shards[0].name: f}, {name: shards[0].name for name in f.tensors})
 
     # -- queries ---------------------------------------------------------------
     @property
@@ -133,7 +133,7 @@ class Checkpoint:
     @property
     def config(self) -> dict:
         path = self.folder / "config.json"
-        return _load_json(path) if path.is_file() else {}
+        return load_json_object(path) if path.is_file() else {}
 
     @property
     def total_bytes(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 
@@ -24,6 +25,20 @@ def parse_size(text: str) -> int:
     if m is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MiB)")
     return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_seed(text: str) -> int:
+    seed = int(text)
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**63), got {text}")
+    return seed
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (the project's rule for every failure), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _common(p: argparse.ArgumentParser, *, device=True) -> None:
@@ -52,7 +67,7 @@ def _extract_parser(sub) -> None:
     low.add_argument("--max-error", type=float, help="LoRE: relative Frobenius error target per matrix")
     p.add_argument("--max-rank", type=int, help="LoRE: cap on any module's rank")
     p.add_argument("--embeddings", choices=["full", "lora"], default="full", help="LoRE: embeddings/lm_head as full tensors or low-rank")
-    p.add_argument("--seed", type=int, default=0, help="LoRE: seed of the randomized SVD")
+    p.add_argument("--seed", type=parse_seed, default=0, help="LoRE: seed of the randomized SVD")
     p.add_argument("--include", action="append", metavar="REGEX", help="only tensors matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors matching (repeatable)")
     _common(p)
@@ -87,7 +102,7 @@ def _demo_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stream-readapt", description=__doc__)
+    parser = OneLineParser(prog="stream-readapt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"stream-readapt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_extract_parser, _merge_parser, _inspect_parser, _demo_parser):
@@ -126,7 +141,10 @@ def _run(args) -> dict | str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage error (one line, status 2), --help or --version (0)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         result = _run(args)
@@ -135,7 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError, KeyError) as e:
         message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None and getattr(args, "output", None):
+            message += f" (writing {args.output})"  # e.g. a full disk: say where
         print(f"stream-readapt {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug of ours: still one line, and the way to see more
+        if os.environ.get("STREAM_READAPT_DEBUG"):
+            raise
+        print(f"stream-readapt {args.command}: internal error: {e.__class__.__name__}: {str(e)[:300]} "
+              "(set STREAM_READAPT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result if isinstance(result, dict) else {"text": result}, indent=2, default=str))

@@ -67,7 +67,7 @@ def extract(
         )
     if lore_options:
         raise TypeError(f"options {sorted(lore_options)} need energy=, rank= or max_error=")
-    out_folder = OutputFolder(output, overwrite=overwrite)
+    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct))
     dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
         pairs = plan_pairs(phi, theta)

@@ -112,7 +112,7 @@ def extract_lore(
         raise ValueError("give exactly one of energy=, rank= or max_error=")
     if embeddings not in ("full", "lora"):
         raise ValueError(f"embeddings must be 'full' or 'lora', not {embeddings!r}")
-    out_folder = OutputFolder(output, overwrite=overwrite)
+    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct))
     dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
     svd_options = dict(energy=energy, rank=rank, max_error=max_error, max_rank=max_rank, seed=seed)
     if power_iters is not None:
@@ -185,12 +185,15 @@ def _write_lowrank(writer, t: Target, phi, theta, dtype, dev, svd_options, block
     del delta
     root = f.S.sqrt()
     B, A = f.U * root, root[:, None] * f.Vh  # Δ ≈ B·A, split evenly so neither factor is tiny
+    B, A = B.to(dtype), A.to(dtype)
+    check_finite(B, t.pair.name)
+    check_finite(A, t.pair.name)  # a float16 cast can overflow to Inf
     if t.role == "embedding":  # PEFT's embedding delta is (B·A)ᵀ: store the transposed factors
-        writer.add(f"{PREFIX}{t.module}.lora_embedding_A", B.T.contiguous().to(dtype).cpu())
-        writer.add(f"{PREFIX}{t.module}.lora_embedding_B", A.T.contiguous().to(dtype).cpu())
+        writer.add(f"{PREFIX}{t.module}.lora_embedding_A", B.T.contiguous().cpu())
+        writer.add(f"{PREFIX}{t.module}.lora_embedding_B", A.T.contiguous().cpu())
     else:
-        writer.add(f"{PREFIX}{t.module}.lora_A.weight", A.to(dtype).cpu())
-        writer.add(f"{PREFIX}{t.module}.lora_B.weight", B.to(dtype).cpu())
+        writer.add(f"{PREFIX}{t.module}.lora_A.weight", A.cpu())
+        writer.add(f"{PREFIX}{t.module}.lora_B.weight", B.cpu())
     return module_record(t, f, base_norm)
 
 
@@ -214,9 +217,9 @@ def _write_full(writer, t: Target, key: str, theta: Checkpoint, dtype, block_byt
     writer.begin(key, dtype, shape)
     rows = shape[0] if shape else 1
     for start, stop in row_blocks(rows, math.prod(shape[1:]), block_bytes):
-        block = theta.read_rows(t.source or t.pair.name, start, stop)
-        check_finite(block, t.pair.name)
-        writer.write(block.to(dtype))
+        block = theta.read_rows(t.source or t.pair.name, start, stop).to(dtype)
+        check_finite(block, t.pair.name)  # as written: a float16 cast can overflow to Inf
+        writer.write(block)
     writer.end()
 
 

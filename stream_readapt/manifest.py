@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from . import __version__
+from .jsonfile import load_json_object
 
 MANIFEST_FILE = "manifest.json"
 METADATA_KEY = "stream_readapt"
@@ -72,8 +73,7 @@ def read_manifest(folder: Path) -> dict | None:
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return load_json_object(path)
 
 
 def copy_side_files(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> list[str]:

@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
+from .jsonfile import load_json_object
 from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
 from .peft_adapter import PeftAdapter
 from .plan import LM_HEAD, TensorPair, base_name_for
 from .safetensors_reader import CheckpointError
 from .sources import InstructDelta, open_readapter
 from .blocks import BlockBuffers, Job, stream_pass
-from .streaming import DEFAULT_BLOCK_BYTES, progress, resolve_device, resolve_dtype
+from .streaming import DEFAULT_BLOCK_BYTES, check_scales, progress, resolve_device, resolve_dtype
 from .writer import CheckpointWriter, OutputFolder, PlannedTensor, shards_by_size, shards_like
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def merge(
     """
     if (instruct is None) == (readapter is None):
         raise ValueError("give exactly one of instruct= or readapter= (where Δ comes from)")
-    out_folder = OutputFolder(output, overwrite=overwrite)
+    check_scales(alpha=alpha, beta=beta)
+    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct, readapter, knowledge))
     dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
     with Checkpoint.open(base, revision=revision) as phi:
         delta = InstructDelta(Checkpoint.open(instruct, revision=revision)) if instruct else open_readapter(readapter)
@@ -108,6 +110,9 @@ def _inputs(phi, delta, psi) -> dict:
 
 def _check_recorded_base(delta, phi: Checkpoint, ignore: bool) -> None:
     recorded = ((delta.manifest or {}).get("inputs", {}).get("base") or {}).get("fingerprint")
+    if not recorded and delta.kind != "instruct":  # e.g. a LoRA from another tool used as a LoRE-Adapter
+        logger.warning("%s: no base fingerprint recorded (no stream-readapt manifest): cannot check that it "
+                       "was made from %s", delta.folder, phi.source)
     if recorded and recorded != phi.fingerprint():
         msg = f"{delta.folder}: RE-Adapter was extracted from another base than {phi.source}"
         if not ignore:
@@ -167,8 +172,7 @@ def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPair]
     config_path = tmp / "config.json"
     if config_path.is_file() and any(p.name == LM_HEAD for p in pairs):
         # A separate lm_head was written: the config must not tie it back to the embeddings.
-        with open(config_path) as fh:
-            config = json.load(fh)
+        config = load_json_object(config_path)
         if config.get("tie_word_embeddings", True):
             config["tie_word_embeddings"] = False
             with open(config_path, "w") as fh:

@@ -27,6 +27,7 @@ from .peft_adapter import PeftAdapter
 from .plan import base_name_for
 from .safetensors_reader import CheckpointError
 from .sources import FullDelta, open_readapter
+from .streaming import check_scales
 
 logger = logging.getLogger(__name__)
 BASE_NORM_RTOL = 1e-3  # bf16/fp16 rounding moves a weight's norm by ~1e-5; another base by far more
@@ -296,6 +297,7 @@ def patch_model(
         >>> patch_model(model, readapter="lore", knowledge="lora")
         >>> set_scales(model, alpha=0.3, beta=0.7)
     """
+    check_scales(alpha=alpha, beta=beta)
     if _is_patched(model):
         raise ValueError("model is already patched: change α and β with set_scales, or patch a freshly loaded base")
     terms = load_terms(model, readapter, knowledge, ignore_base_mismatch=ignore_base_mismatch)
@@ -358,6 +360,7 @@ def _is_patched(model: nn.Module) -> bool:
 
 def set_scales(model: nn.Module, alpha: float, beta: float) -> None:
     """Change α and β of a model patched by `patch_model`, without reloading anything."""
+    check_scales(alpha=alpha, beta=beta)
     layers = [m for m in model.modules() if isinstance(m, (ReadaptLinear, ReadaptEmbedding))]
     layers += getattr(model, "_readapt_params", [])
     for layer in layers:

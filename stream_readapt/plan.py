@@ -19,6 +19,10 @@ from .safetensors_reader import CheckpointError
 
 EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
 LM_HEAD = "lm_head.weight"
+# Only vocabulary tensors may have more rows on the instruct side (added tokens); any other
+# tensor with extra rows is another architecture, whatever the names say.
+VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight",
+                  "word_embeddings.weight")
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,28 @@ def check_architectures(base: Checkpoint, other: Checkpoint, other_label: str) -
             )
 
 
-def pair_tensor(base: Checkpoint, name: str, shape: tuple[int, ...], source: str) -> TensorPair:
+def check_float(dtype: torch.dtype, name: str, source: str) -> None:
+    """Readaptation is arithmetic on weights: integer or bool tensors (quantized weights, masks)
+    would be cast, blended and written back as nonsense."""
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{source}: tensor {name!r} is {str(dtype).replace('torch.', '')}; "
+                              "only floating-point tensors can be readapted")
+
+
+def pair_tensor(base: Checkpoint, name: str, shape: tuple[int, ...], source: str,
+                dtype: torch.dtype | None = None) -> TensorPair:
+    """`name` of the other side (its `shape` and `dtype`) paired with its base tensor."""
     base_tensor = base_name_for(base, name)
     if base_tensor is None:
         raise CheckpointError(f"{source}: tensor {name!r} has no counterpart in the base {base.source}")
     info = base.info(base_tensor)
+    check_float(info.dtype, base_tensor, base.source)
+    if dtype is not None:
+        check_float(dtype, name, source)
     if info.shape == shape:
         return TensorPair(name, base_tensor, shape, info.shape[0] if shape else 1, info.dtype)
-    grown = len(shape) == 2 and len(info.shape) == 2 and shape[1] == info.shape[1] and shape[0] > info.shape[0]
+    grown = (name.endswith(VOCAB_SUFFIXES) and len(shape) == 2 and len(info.shape) == 2
+             and shape[1] == info.shape[1] and shape[0] > info.shape[0])
     if not grown:
         raise CheckpointError(
             f"{source}: tensor {name!r} has shape {list(shape)} but the base has {list(info.shape)}"
@@ -86,14 +104,23 @@ def plan_pairs(base: Checkpoint, instruct: Checkpoint) -> list[TensorPair]:
         raise CheckpointError(f"{instruct.source}: tensor {dropped[0]!r} of the base is missing here")
     order = {n: i for i, n in enumerate(base.names)}
     names = sorted(instruct.names, key=lambda n: order.get(n, len(order)))
-    return [pair_tensor(base, n, tuple(instruct.info(n).shape), instruct.source) for n in names]
+    return [pair_tensor(base, n, tuple(instruct.info(n).shape), instruct.source, instruct.info(n).dtype) for n in names]
 
 
 def select(names: list[str], include: list[str] | None, exclude: list[str] | None) -> set[str]:
-    """Names matching any `include` regex (all if none) and no `exclude` regex."""
-    inc = [re.compile(p) for p in include or []]
-    exc = [re.compile(p) for p in exclude or []]
-    return {
+    """Names matching any `include` regex (all if none) and no `exclude` regex (never none)."""
+    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    chosen = {
         n for n in names
         if (not inc or any(p.search(n) for p in inc)) and not any(p.search(n) for p in exc)
     }
+    if names and not chosen:
+        raise ValueError(f"--include/--exclude leave none of the {len(names)} tensors (an empty output would be useless)")
+    return chosen
+
+
+def _patterns(texts: list[str] | None, option: str) -> list[re.Pattern]:
+    try:
+        return [re.compile(t) for t in texts or []]
+    except re.error as e:
+        raise ValueError(f"--{option} {e.pattern!r} is not a valid regular expression ({e})") from None

@@ -73,14 +73,24 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise CheckpointError(f"unsupported safetensors dtype {name!r}") from None
 
 
+def _unique_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
 def _parse_header(path: Path, file_size: int, raw: bytes) -> tuple[dict, dict[str, TensorInfo]]:
+    # As strict as the reference implementation: what it refuses, we refuse.
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e.__class__.__name__})") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     data_start = 8 + len(raw)
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -92,10 +102,11 @@ def _parse_header(path: Path, file_size: int, raw: bytes) -> tuple[dict, dict[st
 def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
     try:
         dtype = dtype_from_name(entry["dtype"])
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
+        shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({e})") from None
+    if not all(type(v) is int for v in (*shape, begin, end)):  # no 1.5, no true
+        raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} (shape and offsets must be integers)")
     info = TensorInfo(name, dtype, shape, data_start + begin, end - begin)
     if any(d < 0 for d in shape) or info.nbytes != info.numel * dtype.itemsize:
         raise CheckpointError(
@@ -105,15 +116,20 @@ def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
 
 
 def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, file_size: int) -> None:
+    """Tensors tile the data exactly, as the format requires: no overlap, no hole, no tail."""
     end = data_start
-    for info in sorted(tensors.values(), key=lambda t: t.start):
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.nbytes)):
         if info.start < end:
             raise CheckpointError(f"{path}: tensor {info.name!r} overlaps another (corrupt header)")
+        if info.start > end:
+            raise CheckpointError(f"{path}: {info.start - end} unaccounted bytes before tensor {info.name!r} (corrupt header)")
         end = info.start + info.nbytes
     if end > file_size:
         raise CheckpointError(
             f"{path}: truncated file: header promises {end} bytes, file has {file_size}"
         )
+    if end < file_size:
+        raise CheckpointError(f"{path}: {file_size - end} bytes after the last tensor (corrupt or not safetensors)")
 
 
 class SafetensorsFile:

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import Checkpoint
 from .manifest import read_manifest
 from .peft_adapter import PeftAdapter
-from .plan import TensorPair, pair_tensor, plan_pairs, base_name_for
+from .plan import TensorPair, base_name_for, check_float, pair_tensor, plan_pairs
 from .safetensors_reader import CheckpointError
 from .blocks import BlockBuffers
 from .streaming import to_device_f32
@@ -86,7 +86,8 @@ class FullDelta(InstructDelta):
         self.manifest = manifest
 
     def plan(self, base: Checkpoint) -> list[TensorPair]:
-        pairs = {n: pair_tensor(base, n, tuple(self.ckpt.info(n).shape), self.ckpt.source) for n in self.ckpt.names}
+        pairs = {n: pair_tensor(base, n, tuple(self.ckpt.info(n).shape), self.ckpt.source, self.ckpt.info(n).dtype)
+                 for n in self.ckpt.names}
         dropped = set(self.manifest.get("base_only", []))
         for name in base.names:  # tensors the extraction left out keep Δ = 0
             if name not in pairs and name not in dropped:
@@ -114,7 +115,8 @@ class LoreDelta(DeltaSource):
         for name, key in self.adapter.replacements.items():  # full tensors, maybe with added rows
             if name in copies:
                 continue
-            pairs[name] = pair_tensor(base, name, tuple(self.adapter.ckpt.info(key).shape), self.adapter.source)
+            info = self.adapter.ckpt.info(key)
+            pairs[name] = pair_tensor(base, name, tuple(info.shape), self.adapter.source, info.dtype)
         return _in_base_order(base, pairs)
 
     def has(self, name: str) -> bool:
@@ -145,6 +147,7 @@ class LoreDelta(DeltaSource):
 
 def _base_pair(base: Checkpoint, name: str) -> TensorPair:
     info = base.info(name)
+    check_float(info.dtype, name, base.source)
     return TensorPair(name, name, info.shape, info.shape[0] if info.shape else 1, info.dtype)
 
 

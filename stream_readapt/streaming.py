@@ -27,10 +27,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """`auto` picks the first CUDA device when there is one, else the CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N] ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported: use auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available (use --device cpu)")
     return device
+
+
+def check_scales(**scales: float) -> None:
+    """α and β must be finite numbers: NaN would not even surface as NaN everywhere (a BLAS
+    addmm with alpha=NaN may treat it as 1), and Inf makes every weight Inf or NaN."""
+    for name, value in scales.items():
+        try:
+            finite = not isinstance(value, (bool, str)) and math.isfinite(float(value))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -56,7 +73,9 @@ def check_finite(block: torch.Tensor, name: str) -> None:
     # A finite sum proves every element finite (NaN and ±Inf propagate) at a fraction of
     # isfinite()'s cost; only a non-finite sum (maybe a mere overflow) gets the exact test.
     if not math.isfinite(float(block.sum())) and not torch.isfinite(block).all():
-        raise FloatingPointError(f"NaN/Inf produced in tensor {name!r} (check the inputs)")
+        kind = str(block.dtype).replace("torch.", "")
+        raise FloatingPointError(f"NaN/Inf produced in tensor {name!r} as {kind} (check the inputs, the scales, "
+                                 "and that the output dtype's range holds the result)")
 
 
 def progress(total: int, desc: str, quiet: bool) -> tqdm:

@@ -249,8 +249,9 @@ class OutputFolder:
     nothing that looks finished is ever left where the output belongs.
     """
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, inputs=()):
         self.path = Path(path)
+        _refuse_input_in_the_way(self.path, inputs)
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path}: exists and is not a folder")
         if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
@@ -268,10 +269,25 @@ class OutputFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
-        if self.path.exists():
+        if self.path.exists() or self.path.is_symlink():
             os.rename(self.path, old)
         os.rename(self.tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():  # -o named a link: the link goes, never what it pointed to
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _refuse_input_in_the_way(output: Path, inputs) -> None:
+    """An output that is, or holds, one of the inputs would replace it (--overwrite deletes
+    the old folder): refuse, whatever the flags."""
+    out = output.resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue  # a Hub id: it lives in the cache
+        src = Path(given).resolve()
+        if src == out or out in src.parents:
+            raise FileExistsError(f"{output}: the output folder would replace the input {given}; choose another -o")
 
 
 class BackgroundWriter:

@@ -1,0 +1,156 @@
+"""Bad input found by an adversarial sweep of the CLI: each gives a one-line error and no output,
+and the inputs themselves are never touched. (test_errors.py has the first round.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from stream_readapt import extract, merge
+from stream_readapt.checkpoint import Checkpoint
+from stream_readapt.safetensors_reader import CheckpointError, SafetensorsFile
+from test_errors import assert_fails, run_cli
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _raw_file(path, header: dict, data: bytes) -> None:
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data)
+
+
+@pytest.mark.parametrize("header, data, expected", [
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8.0]}}, bytes(8), "must be integers"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(12), "4 bytes after the last tensor"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8), "unaccounted bytes"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"a": 1}}, bytes(8),
+     "__metadata__ must map strings to strings"),
+], ids=["float-offset", "trailing-bytes", "hole", "metadata-not-strings"])
+def test_reader_is_as_strict_as_the_format(tmp_path, header, data, expected):
+    _raw_file(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=expected):
+        SafetensorsFile(tmp_path / "x.safetensors")
+
+
+def test_duplicate_header_keys_are_refused(tmp_path):
+    entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    head = f'{{"w": {entry}, "w": {entry}}}'.encode()
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(4))
+    with pytest.raises(CheckpointError, match="duplicate key 'w'"):
+        SafetensorsFile(tmp_path / "x.safetensors")
+
+
+def test_index_may_name_subfolders_and_symlinked_blobs(tmp_path):
+    """The Hugging Face cache links each snapshot file to a blob outside the snapshot folder:
+    a name inside the folder is what counts, not where its link leads."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    (snap / "sub").mkdir(parents=True)
+    save_file({"a": torch.arange(4.0)}, blobs / "0123")
+    save_file({"b": torch.ones(2, 3)}, snap / "sub" / "part.safetensors")
+    os.symlink("../../blobs/0123", snap / "model-1.safetensors")
+    index = {"metadata": {}, "weight_map": {"a": "model-1.safetensors", "b": "./sub/part.safetensors"}}
+    (snap / "model.safetensors.index.json").write_text(json.dumps(index))
+    with Checkpoint.from_folder(snap) as ckpt:
+        assert torch.equal(ckpt.read("a"), torch.arange(4.0)) and torch.equal(ckpt.read("b"), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("content, expected", [("[1]", "expected a JSON object, found list"),
+                                               ('{"a": ', "invalid JSON")])
+def test_json_that_is_not_an_object(llama_pair, tmp_path, capsys, content, expected):
+    instruct = shutil.copytree(llama_pair.instruct, tmp_path / "instruct")
+    (instruct / "config.json").write_text(content)
+    out = tmp_path / "out"
+    assert_fails(capsys, out, f"config.json: {expected}", "merge", llama_pair.base, "--instruct", instruct, "-o", out)
+
+
+def _edited_instruct(llama_pair, tmp_path, edit):
+    folder = shutil.copytree(llama_pair.instruct, tmp_path / "instruct")
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_integer_weights_are_refused(llama_pair, tmp_path, capsys):
+    instruct = _edited_instruct(llama_pair, tmp_path, lambda t: t.update({Q_PROJ: t[Q_PROJ].to(torch.int32)}))
+    out = tmp_path / "out"
+    assert_fails(capsys, out, f"tensor {Q_PROJ!r} is int32; only floating-point", "merge", llama_pair.base,
+                 "--instruct", instruct, "-o", out)
+
+
+def test_extra_rows_only_on_vocabulary_tensors(llama_pair, tmp_path, capsys):
+    grow = lambda t: t.update({Q_PROJ: torch.cat([t[Q_PROJ], t[Q_PROJ][:6]])})  # noqa: E731
+    instruct = _edited_instruct(llama_pair, tmp_path, grow)
+    out = tmp_path / "out"
+    assert_fails(capsys, out, f"tensor {Q_PROJ!r} has shape [70, 64] but the base has [64, 64]",
+                 "extract", llama_pair.base, instruct, "-o", out)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--alpha", "nan"], "alpha must be a finite number"),
+    (["--beta", "inf"], "beta must be a finite number"),
+    (["--alpha", "0", "--beta", "1e8", "--dtype", "float16"], "as float16"),  # overflows the output dtype
+    (["--device", "meta"], "device meta is not supported"),
+    (["--dtype", "float8"], "invalid choice: 'float8'"),
+])
+def test_bad_options(llama_pair, tmp_path, capsys, args, expected):
+    out = tmp_path / "out"
+    assert_fails(capsys, out, expected, "merge", llama_pair.base, "--instruct", llama_pair.instruct, "-o", out, *args)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--include", "("], "--include '(' is not a valid regular expression"),
+    (["--exclude", ".*"], "leave none of the"),
+    (["--rank", "4", "--exclude", ".*"], "leave none of the"),
+    (["--rank", "4", "--seed", str(2**70)], "seed must be in"),
+])
+def test_bad_extract_options(llama_pair, tmp_path, capsys, args, expected):
+    out = tmp_path / "out"
+    assert_fails(capsys, out, expected, "extract", llama_pair.base, llama_pair.instruct, "-o", out, *args)
+
+
+def test_output_never_replaces_an_input(llama_pair, tmp_path, capsys):
+    base = shutil.copytree(llama_pair.base, tmp_path / "models" / "base")
+    before = sorted(p.name for p in base.iterdir())
+    for out in (base, base.parent, tmp_path):  # the input itself, or a folder holding it
+        code, err = run_cli(capsys, "merge", base, "--instruct", llama_pair.instruct, "-o", out, "--overwrite")
+        assert code != 0 and "would replace the input" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in base.iterdir()) == before
+    link = tmp_path / "link"
+    link.symlink_to(base)
+    code, err = run_cli(capsys, "merge", base, "--instruct", llama_pair.instruct, "-o", link, "--overwrite")
+    assert code != 0 and "would replace the input" in err
+
+
+def test_overwriting_a_link_replaces_the_link_only(llama_pair, tmp_path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    code, err = run_cli(capsys, "merge", llama_pair.base, "--instruct", llama_pair.instruct, "-o", link, "--overwrite")
+    assert code == 0, err
+    assert (link / "config.json").is_file() and not link.is_symlink()
+    assert (target / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "target"]  # no .out.old-PID left
+
+
+def test_usage_errors_are_one_line(capsys):
+    code, err = run_cli(capsys, "merge")
+    assert code == 2 and len(err.splitlines()) == 1 and "(see --help)" in err
+
+
+def test_readapter_without_manifest_warns(llama_pair, tmp_path, caplog):
+    extract(llama_pair.base, llama_pair.instruct, tmp_path / "lore", rank=4, device="cpu")
+    (tmp_path / "lore" / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        merge(llama_pair.base, tmp_path / "out", readapter=tmp_path / "lore", device="cpu")
+    assert "no base fingerprint recorded" in caplog.text
