@@ -8,11 +8,13 @@ Saved tensor names (PEFT 0.13 - 0.21), after the `base_model.model.` prefix:
   `<module>.weight` (modules_to_save): full replacement weights.
 Scaling follows PEFT exactly: s = alpha / r (rsLoRA: alpha / sqrt(r)), with alpha
 from the first `alpha_pattern` key matching the end of the module name.
+The config must agree with the tensors as PEFT's loader would demand: each module's rank
+(`rank_pattern` / `r`) is its factors' rank, `use_dora` iff magnitude vectors, and a
+`lora_B.bias` only where the base layer has a bias.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -22,9 +24,12 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
+from .jsonfile import load_json_object
+from .plan import check_float
 from .safetensors_reader import CheckpointError
 
 PREFIX = "base_model.model."
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's defaults: what PEFT uses when a key is absent
 _LORA_SUFFIX = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
     r"lora_embedding_B|lora_magnitude_vector(?:\.weight)?)$"
@@ -49,11 +54,26 @@ class LoraModule:
 
 
 def pattern_value(patterns: dict, module: str, default):
+    """The value of the pattern key matching `module` (see `pattern_key`), else `default`."""
+    key = pattern_key(patterns, module)
+    return default if key is None else patterns[key]
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
     """PEFT's `get_pattern_key`: first key whose regex matches the end of the module name."""
-    for key, value in patterns.items():
+    for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+            return key
+    return None
+
+
+def _is_real(x) -> bool:
+    """A finite JSON number; bool is an int to Python but not a number here."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_rank(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 class PeftAdapter:
@@ -76,13 +96,29 @@ class PeftAdapter:
         path = self.folder / "adapter_config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{self.folder}: no adapter_config.json (not a PEFT adapter folder)")
-        with open(path, encoding="utf-8") as fh:
-            config = json.load(fh)
+        config = load_json_object(path)
+        self._check_config_types(path, config)
         if config.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{path}: peft_type {config['peft_type']!r} is not supported (only LORA/DoRA)")
         if config.get("fan_in_fan_out"):
             raise CheckpointError(f"{path}: fan_in_fan_out (GPT-2 Conv1D) adapters are not supported")
         return config
+
+    @staticmethod
+    def _check_config_types(path: Path, config: dict) -> None:
+        """Flags and patterns of the wrong type would be read as something else (a string "false" is true)."""
+        for field in ("use_dora", "use_rslora", "lora_bias"):
+            if config.get(field) is not None and not isinstance(config[field], bool):
+                raise CheckpointError(f"{path}: {field} must be true or false, got {config[field]!r}")
+        for field in ("rank_pattern", "alpha_pattern"):
+            patterns = config.get(field) or {}
+            if not isinstance(patterns, dict):
+                raise CheckpointError(f"{path}: {field} must be an object (module pattern -> value), got {patterns!r}")
+            for key in patterns:
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise CheckpointError(f"{path}: {field} key {key!r} is not a valid regular expression ({e})") from None
 
     def _classify(self, key: str) -> None:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -105,11 +141,63 @@ class PeftAdapter:
     def _finish(self, mod: LoraModule) -> None:
         if mod.A is None or mod.B is None:
             raise CheckpointError(f"{self.folder}: module {mod.module!r} lacks lora_A or lora_B")
-        if mod.magnitude and mod.embedding:
-            raise CheckpointError(f"{self.folder}: DoRA on embedding {mod.module!r} is not supported")
-        r = self.ckpt.info(mod.A).shape[0]
-        alpha = pattern_value(self.config.get("alpha_pattern") or {}, mod.module, self.config.get("lora_alpha", r))
+        self._check_variant(mod)
+        r = self._rank(mod)
+        alpha, field = self._setting("alpha_pattern", "lora_alpha", mod.module)
+        if not _is_real(alpha):
+            raise CheckpointError(
+                f"{self.folder}: adapter_config.json {field} = {alpha!r} (module {mod.module!r}) is not a finite number"
+            )
         mod.scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    def _setting(self, patterns: str, field: str, module: str) -> tuple[object, str]:
+        """A per-module setting as PEFT resolves it: pattern match, else the field, else PEFT's default."""
+        table = self.config.get(patterns) or {}
+        key = pattern_key(table, module)
+        if key is None:
+            return self.config.get(field, PEFT_DEFAULTS[field]), field
+        return table[key], f"{patterns}[{key!r}]"
+
+    def _rank(self, mod: LoraModule) -> int:
+        """The rank the config gives `mod`; PEFT builds layers of that rank, so the factors must have it."""
+        a, b = self.ckpt.info(mod.A).shape, self.ckpt.info(mod.B).shape
+        if len(a) != 2 or len(b) != 2:
+            raise CheckpointError(f"{self.folder}: module {mod.module!r} factors have shapes {list(a)} and {list(b)}, not 2-D")
+        for key in (mod.A, mod.B, mod.magnitude, mod.bias):
+            if key is not None:
+                check_float(self.ckpt.info(key).dtype, key, self.source)
+        r, field = self._setting("rank_pattern", "r", mod.module)
+        if not _is_rank(r):
+            raise CheckpointError(
+                f"{self.folder}: module {mod.module!r}: adapter_config.json {field} = {r!r} is not a positive integer "
+                f"(its tensors have rank {a[0]})"
+            )
+        if a[0] != r or b[1] != r:
+            raise CheckpointError(
+                f"{self.folder}: module {mod.module!r}: adapter_config.json {field} = {r} but its tensors have rank "
+                f"{a[0]} (lora_A rows) / {b[1]} (lora_B columns); PEFT would refuse to load it"
+            )
+        return r
+
+    def _check_variant(self, mod: LoraModule) -> None:
+        """DoRA and lora_bias as the config says: PEFT ignores tensors its config does not ask for."""
+        use_dora = bool(self.config.get("use_dora"))
+        if mod.embedding and (use_dora or mod.magnitude):
+            raise CheckpointError(f"{self.folder}: DoRA on embedding {mod.module!r} is not supported")
+        if use_dora and mod.magnitude is None:
+            raise CheckpointError(
+                f"{self.folder}: adapter_config.json has use_dora = true but module {mod.module!r} has no lora_magnitude_vector"
+            )
+        if mod.magnitude and not use_dora:
+            raise CheckpointError(
+                f"{self.folder}: module {mod.module!r} has a DoRA lora_magnitude_vector but adapter_config.json "
+                "does not set use_dora = true (config and weights disagree)"
+            )
+        if mod.bias and self.config.get("lora_bias") is False:
+            raise CheckpointError(
+                f"{self.folder}: module {mod.module!r} has a lora_B.bias but adapter_config.json has lora_bias = false "
+                "(config and weights disagree)"
+            )
 
     # -- validation -----------------------------------------------------------
     def targets(self) -> set[str]:
@@ -152,6 +240,29 @@ class PeftAdapter:
                 f"{self.source}: {mod.module!r} factors {list(a)}x{list(b)} do not fit the base weight "
                 f"{[rows, cols]} (adapter made for another base?)"
             )
+        if mod.magnitude and list(self.ckpt.info(mod.magnitude).shape) != [rows]:
+            raise CheckpointError(
+                f"{self.source}: {mod.module!r} DoRA lora_magnitude_vector has shape "
+                f"{list(self.ckpt.info(mod.magnitude).shape)} but the base weight has {rows} output rows"
+            )
+        if mod.bias:
+            self._check_bias(base, resolve, mod, rows)
+
+    def _check_bias(self, base: Checkpoint, resolve, mod: LoraModule, rows: int) -> None:
+        """lora_B.bias adds to the base layer's bias; PEFT cannot merge it into a layer without one."""
+        have = list(self.ckpt.info(mod.bias).shape)
+        if have != [rows]:
+            raise CheckpointError(
+                f"{self.source}: {mod.module!r} lora_B.bias has shape {have} but the base weight has {rows} output rows"
+            )
+        base_bias = resolve(f"{mod.module}.bias")
+        if base_bias is None:
+            raise CheckpointError(
+                f"{self.source}: {mod.module!r} has a lora_B.bias (lora_bias=True) but its base layer in {base.source} "
+                "has no bias: not supported (PEFT cannot merge it either)"
+            )
+        if list(base.info(base_bias).shape) != [rows]:
+            raise CheckpointError(f"{self.source}: {mod.module!r} base bias {base_bias!r} is not [{rows}]")
 
     # -- deltas -----------------------------------------------------------------
     def _factors(self, mod: LoraModule, device: torch.device) -> dict:
