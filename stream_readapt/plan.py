@@ -42,7 +42,11 @@ class TensorPair:
 
 def ties_embeddings(config: dict) -> bool:
     # transformers' PretrainedConfig defaults tie_word_embeddings to True.
-    return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", True)))
+    text = config.get("text_config")
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True) if isinstance(text, dict) else True)
+    if not isinstance(tied, bool):  # a string "false" would read as true
+        raise CheckpointError(f"config.json: tie_word_embeddings must be true or false, got {tied!r}")
+    return tied
 
 
 def embedding_name(ckpt: Checkpoint) -> str | None:
@@ -60,6 +64,11 @@ def base_name_for(base: Checkpoint, name: str) -> str | None:
 
 def check_architectures(base: Checkpoint, other: Checkpoint, other_label: str) -> None:
     a, b = base.config, other.config
+    for ckpt, config in ((base, a), (other, b)):
+        try:
+            ties_embeddings(config)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpt.source}/{e}") from None
     for key in ("model_type", "architectures"):
         if a.get(key) and b.get(key) and a[key] != b[key]:
             raise CheckpointError(

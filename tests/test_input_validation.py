@@ -154,3 +154,12 @@ def test_readapter_without_manifest_warns(llama_pair, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         merge(llama_pair.base, tmp_path / "out", readapter=tmp_path / "lore", device="cpu")
     assert "no base fingerprint recorded" in caplog.text
+
+
+def test_tie_flag_must_be_a_bool(llama_pair, tmp_path, capsys):
+    instruct = shutil.copytree(llama_pair.instruct, tmp_path / "instruct")
+    config = json.loads((instruct / "config.json").read_text())
+    (instruct / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": "false"}))
+    out = tmp_path / "out"
+    assert_fails(capsys, out, "tie_word_embeddings must be true or false, got 'false'", "merge", llama_pair.base,
+                 "--instruct", instruct, "-o", out)
