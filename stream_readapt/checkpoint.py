@@ -24,8 +24,8 @@ INDEX_FILES = ("model.safetensors.index.json", "readapter.safetensors.index.json
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
-def _inside(folder: Path, rel) -> Path:
-    """`folder/rel`, refusing names that escape the folder (absolute, `..`).
+def _shard_name(folder: Path, rel) -> str:
+    """`rel` normalized (`./a` -> `a`), refusing names that escape the folder (absolute, `..`).
 
     The check is on the name, not on where a symlink leads: the Hugging Face cache links every
     snapshot file to its blob store outside the snapshot folder."""
@@ -34,7 +34,7 @@ def _inside(folder: Path, rel) -> Path:
     norm = posixpath.normpath(rel)
     if posixpath.isabs(norm) or os.path.isabs(rel) or norm == ".." or norm.startswith("../"):
         raise CheckpointError(f"{folder}: index entry {rel!r} points outside the checkpoint folder")
-    return folder / norm
+    return norm
 
 
 class Checkpoint:
@@ -80,7 +80,7 @@ class Checkpoint:
         files: dict[str, SafetensorsFile] = {}
         shard_of = {}
         for name, rel in weight_map.items():
-            rel = shard_of[name] = posixpath.normpath(_inside(folder, rel).relative_to(folder).as_posix())
+            rel = shard_of[name] = _shard_name(folder, rel)
             if rel not in files:
                 files[rel] = SafetensorsFile(folder / rel)
             if name not in files[rel].tensors:

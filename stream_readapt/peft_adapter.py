@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint
 from .jsonfile import load_json_object
 from .plan import check_float
 from .safetensors_reader import CheckpointError
+from .streaming import is_finite_number
 
 PREFIX = "base_model.model."
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's defaults: what PEFT uses when a key is absent
@@ -53,23 +54,12 @@ class LoraModule:
         return f"{self.module}.weight"
 
 
-def pattern_value(patterns: dict, module: str, default):
-    """The value of the pattern key matching `module` (see `pattern_key`), else `default`."""
-    key = pattern_key(patterns, module)
-    return default if key is None else patterns[key]
-
-
 def pattern_key(patterns: dict, module: str) -> str | None:
     """PEFT's `get_pattern_key`: first key whose regex matches the end of the module name."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
     return None
-
-
-def _is_real(x) -> bool:
-    """A finite JSON number; bool is an int to Python but not a number here."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _is_rank(x) -> bool:
@@ -141,10 +131,13 @@ class PeftAdapter:
     def _finish(self, mod: LoraModule) -> None:
         if mod.A is None or mod.B is None:
             raise CheckpointError(f"{self.folder}: module {mod.module!r} lacks lora_A or lora_B")
+        for key in (mod.A, mod.B, mod.magnitude, mod.bias):
+            if key is not None:
+                check_float(self.ckpt.info(key).dtype, key, self.source)
         self._check_variant(mod)
         r = self._rank(mod)
         alpha, field = self._setting("alpha_pattern", "lora_alpha", mod.module)
-        if not _is_real(alpha):
+        if not is_finite_number(alpha):
             raise CheckpointError(
                 f"{self.folder}: adapter_config.json {field} = {alpha!r} (module {mod.module!r}) is not a finite number"
             )
@@ -163,9 +156,6 @@ class PeftAdapter:
         a, b = self.ckpt.info(mod.A).shape, self.ckpt.info(mod.B).shape
         if len(a) != 2 or len(b) != 2:
             raise CheckpointError(f"{self.folder}: module {mod.module!r} factors have shapes {list(a)} and {list(b)}, not 2-D")
-        for key in (mod.A, mod.B, mod.magnitude, mod.bias):
-            if key is not None:
-                check_float(self.ckpt.info(key).dtype, key, self.source)
         r, field = self._setting("rank_pattern", "r", mod.module)
         if not _is_rank(r):
             raise CheckpointError(

@@ -40,12 +40,12 @@ class TensorPair:
         return (self.shape[0] if self.shape else 1) - self.base_rows
 
 
-def ties_embeddings(config: dict) -> bool:
+def ties_embeddings(config: dict, source: str = "config.json") -> bool:
     # transformers' PretrainedConfig defaults tie_word_embeddings to True.
     text = config.get("text_config")
     tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True) if isinstance(text, dict) else True)
     if not isinstance(tied, bool):  # a string "false" would read as true
-        raise CheckpointError(f"config.json: tie_word_embeddings must be true or false, got {tied!r}")
+        raise CheckpointError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
     return tied
 
 
@@ -65,10 +65,7 @@ def base_name_for(base: Checkpoint, name: str) -> str | None:
 def check_architectures(base: Checkpoint, other: Checkpoint, other_label: str) -> None:
     a, b = base.config, other.config
     for ckpt, config in ((base, a), (other, b)):
-        try:
-            ties_embeddings(config)
-        except CheckpointError as e:
-            raise CheckpointError(f"{ckpt.source}/{e}") from None
+        ties_embeddings(config, f"{ckpt.source}/config.json")  # fails fast on a non-bool flag
     for key in ("model_type", "architectures"):
         if a.get(key) and b.get(key) and a[key] != b[key]:
             raise CheckpointError(

@@ -38,15 +38,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def is_finite_number(value) -> bool:
+    """A finite real number (numpy and torch scalars too); not a bool, a string or None."""
+    try:
+        return not isinstance(value, (bool, str)) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def check_scales(**scales: float) -> None:
     """α and β must be finite numbers: NaN would not even surface as NaN everywhere (a BLAS
     addmm with alpha=NaN may treat it as 1), and Inf makes every weight Inf or NaN."""
     for name, value in scales.items():
-        try:
-            finite = not isinstance(value, (bool, str)) and math.isfinite(float(value))
-        except (TypeError, ValueError):
-            finite = False
-        if not finite:
+        if not is_finite_number(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 

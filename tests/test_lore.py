@@ -33,9 +33,9 @@ def lore_half(llama_pair, tmp_path_factory):
     return out, manifest
 
 
-def test_ranks_reach_energy_and_are_minimal(llama_pair, lore_half):
-    _, manifest = lore_half
-    phi, theta = fm.load_state_dict(llama_pair.base), fm.load_state_dict(llama_pair.instruct)
+def assert_ranks_reach_energy_and_are_minimal(pair, manifest) -> None:
+    """τ = 0.5 ranks: at least the exact k*, at most 5% above it, error ≤ 1.02× the optimum."""
+    phi, theta = fm.load_state_dict(pair.base), fm.load_state_dict(pair.instruct)
     lows = {m: r for m, r in manifest["modules"].items() if "rank" in r}
     assert len(lows) == 14  # every attention and MLP projection; embeddings stay full
     for module, rec in lows.items():
@@ -45,6 +45,10 @@ def test_ranks_reach_energy_and_are_minimal(llama_pair, lore_half):
         assert exact_k <= rec["rank"] <= max(exact_k + 1, int(1.05 * exact_k)), module
         optimum = float(sigma[rec["rank"]:].square().sum().sqrt() / sigma.square().sum().sqrt())
         assert rec["rel_error"] <= 1.02 * optimum + 1e-6 and rec["energy"] >= 0.5
+
+
+def test_ranks_reach_energy_and_are_minimal(llama_pair, lore_half):
+    assert_ranks_reach_energy_and_are_minimal(llama_pair, lore_half[1])
 
 
 def test_peft_loads_it_and_approximates_instruct(llama_pair, lore_half):

@@ -11,8 +11,8 @@ import torch
 import fixtures_models as fm
 from big_checkpoint import COLS, ROWS, write_big_checkpoint
 from stream_readapt import extract, merge
-from stream_readapt.lowrank import rank_for_energy
 from test_extract import load_readapter
+from test_lore import assert_ranks_reach_energy_and_are_minimal
 from test_merge import assert_matches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -41,15 +41,7 @@ def test_lore_on_cuda_ranks_are_minimal(llama_pair, tmp_path):
     """The randomized SVD on the GPU picks the same near-minimal ranks as on the CPU (its own
     random sketch: CUDA generators differ), within 1.02× of the optimal error."""
     manifest = extract(llama_pair.base, llama_pair.instruct, tmp_path / "lore", energy=0.5, device="cuda")
-    phi, theta = fm.load_state_dict(llama_pair.base), fm.load_state_dict(llama_pair.instruct)
-    lows = {m: r for m, r in manifest["modules"].items() if "rank" in r}
-    assert len(lows) == 14
-    for module, rec in lows.items():
-        sigma = torch.linalg.svdvals((theta[module + ".weight"] - phi[module + ".weight"]).double())
-        exact_k = rank_for_energy(sigma, 0.5)
-        assert exact_k <= rec["rank"] <= max(exact_k + 1, int(1.05 * exact_k)), module
-        optimum = float(sigma[rec["rank"]:].square().sum().sqrt() / sigma.square().sum().sqrt())
-        assert rec["rel_error"] <= 1.02 * optimum + 1e-6, module
+    assert_ranks_reach_energy_and_are_minimal(llama_pair, manifest)
 
 
 @pytest.mark.slow
