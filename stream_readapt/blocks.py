@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import TensorPair
+from .plan import TensorPlan
 from .streaming import check_finite, row_blocks
 from .writer import BackgroundWriter, CheckpointWriter
 
@@ -105,13 +105,13 @@ class BlockBuffers:
 class Job:
     """One row block of one output tensor."""
 
-    pair: TensorPair
+    pair: TensorPlan
     start: int
     stop: int
     last: bool  # the tensor's last block
 
 
-def block_jobs(order: list[TensorPair], block_bytes: int) -> list[Job]:
+def block_jobs(order: list[TensorPlan], block_bytes: int) -> list[Job]:
     jobs = []
     for pair in order:
         rows = pair.shape[0] if pair.shape else 1
@@ -120,7 +120,7 @@ def block_jobs(order: list[TensorPair], block_bytes: int) -> list[Job]:
     return jobs
 
 
-def stream_pass(writer: CheckpointWriter, order: list[TensorPair], *, dtype_of, blocks: BlockBuffers,
+def stream_pass(writer: CheckpointWriter, order: list[TensorPlan], *, dtype_of, blocks: BlockBuffers,
                 reads_of, compute, block_bytes: int, bar) -> None:
     """The loop every streaming pass shares: read ahead, compute, check, write behind.
 

@@ -15,10 +15,11 @@ import os
 import torch
 
 from .checkpoint import Checkpoint
-from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
+from .manifest import TensorStats, as_json, copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
 from .plan import plan_pairs, select
 from .blocks import BlockBuffers, Job, stream_pass
-from .streaming import DEFAULT_BLOCK_BYTES, progress, resolve_device, resolve_dtype
+from .options import RunOptions
+from .streaming import DEFAULT_BLOCK_BYTES, progress
 from .writer import CheckpointWriter, OutputFolder, PlannedTensor, shards_by_size, shards_like
 
 
@@ -49,8 +50,9 @@ def extract(
     Args:
         base, instruct: checkpoints Φ and Θ (folders or Hub ids).
         output: folder to create (must be empty unless `overwrite`).
-        dtype: storage dtype of Δ (default: the inputs'); float32 makes Φ + Δ
-            reproduce a bf16/fp16 Θ bit for bit.
+        dtype: storage dtype of Δ (default: the inputs'). float64 holds Θ − Φ exactly; float32
+            does for bf16/fp16 inputs wherever the two exponents are close, and the manifest
+            counts the elements where it does not (`inexact_elements`, per tensor `inexact`).
         include, exclude: regexes over tensor names selecting which tensors get a Δ.
 
     Example:
@@ -68,7 +70,7 @@ def extract(
     if lore_options:
         raise TypeError(f"options {sorted(lore_options)} need energy=, rank= or max_error=")
     out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct))
-    dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
+    run = RunOptions.resolve(device=device, dtype=dtype, max_shard_size=max_shard_size, block_bytes=block_bytes, quiet=quiet)
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
         pairs = plan_pairs(phi, theta)
         chosen = select([p.name for p in pairs], include, exclude)
@@ -76,26 +78,28 @@ def extract(
         manifest = new_manifest(
             "readapter",
             inputs={"base": input_record(phi), "instruct": input_record(theta)},
-            dtype=str(out_dtype).replace("torch.", "") if out_dtype else "inputs",
+            dtype=run.dtype_name or "inputs",
             added_rows={p.name: [p.base_rows, p.shape[0]] for p in pairs if p.added_rows},
             base_only=[n for n in phi.names if n not in theta],
             excluded=sorted({n for n in theta.names} - chosen),
         )
         with out_folder as tmp:
-            manifest["tensors"] = _write_deltas(tmp, pairs, phi, theta, out_dtype, dev, max_shard_size, block_bytes, manifest, quiet)
+            manifest["tensors"] = _write_deltas(tmp, pairs, phi, theta, run, manifest)
+            manifest["inexact_elements"] = sum(t["inexact"] for t in manifest["tensors"].values())
             copy_side_files(theta.folder, tmp)
             write_manifest(tmp, manifest)
     manifest["output"] = str(output)
     return manifest
 
 
-def _write_deltas(tmp, pairs, phi, theta, out_dtype, dev, max_shard_size, block_bytes, manifest, quiet) -> dict:
-    dtype_of = lambda p: out_dtype or theta.info(p.name).dtype
+def _write_deltas(tmp, pairs, phi, theta, run: RunOptions, manifest) -> dict:
+    dtype_of = lambda p: run.dtype or theta.info(p.name).dtype
     plan = [PlannedTensor(p.name, math.prod(p.shape) * dtype_of(p).itemsize) for p in pairs]
-    groups = shards_by_size(plan, max_shard_size) if max_shard_size else shards_like(plan, phi.weight_map)
+    groups = shards_by_size(plan, run.max_shard_size) if run.max_shard_size else shards_like(plan, phi.weight_map)
     by_name = {p.name: p for p in pairs}
     order = [by_name[n] for g in groups for n in g]
     squares = {p.name: [0.0, 0.0] for p in order}  # Σ Δ², Σ Φ² over the base rows
+    inexact = {p.name: 0 for p in order}  # elements whose stored Δ is not exactly Θ − Φ
 
     def reads_of(job: Job) -> list:
         own = [(theta, job.pair.name, job.start, job.stop, "theta")]
@@ -108,22 +112,36 @@ def _write_deltas(tmp, pairs, phi, theta, out_dtype, dev, max_shard_size, block_
         b = blocks.read_f32(phi, job.pair.base, job.start, job.stop, slot="phi")
         if dtype_of(job.pair) == torch.float64:  # exact differences for float32 inputs
             d, b = d.double(), b.double()
-        d.sub_(b)
-        squares[job.pair.name][0] += _square_sum(d)
+        delta = d - b
+        inexact[job.pair.name] += inexact_elements(d, b, delta, dtype_of(job.pair))
+        squares[job.pair.name][0] += _square_sum(delta)
         squares[job.pair.name][1] += _square_sum(b)
-        return d
+        return delta
 
     writer = CheckpointWriter(tmp, groups, prefix="readapter", metadata=safetensors_metadata(manifest))
-    with progress(sum(t.nbytes for t in plan), "extract", quiet) as bar, BlockBuffers(dev) as blocks:
+    with progress(sum(t.nbytes for t in plan), "extract", run.quiet) as bar, BlockBuffers(run.device) as blocks:
         stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=reads_of, compute=compute,
-                    block_bytes=block_bytes, bar=bar)
-    return {name: _norms(*sq) for name, sq in squares.items()}
+                    block_bytes=run.block_bytes, bar=bar)
+    return as_json({name: _norms(*sq, inexact[name]) for name, sq in squares.items()})
 
 
-def _norms(delta_sq: float, base_sq: float) -> dict:
+def inexact_elements(theta: torch.Tensor, phi: torch.Tensor, delta: torch.Tensor, stored: torch.dtype) -> int:
+    """How many elements of Δ = Θ − Φ, stored as `stored`, differ from the exact difference.
+
+    Two bf16 numbers differ exactly in float32 only when their exponents are within ~16 of
+    each other (0.033 − 3.3e-7 is not). Knuth's TwoSum recovers the rounding error of the
+    subtraction exactly, with no wider type; a cast to a narrower `stored` dtype adds its own."""
+    back = delta + phi
+    err = (theta - back) - (phi + (delta - back))
+    lost = err != 0
+    if stored.itemsize < delta.dtype.itemsize:
+        lost |= delta.to(stored).to(delta.dtype) != delta
+    return int(lost.sum())
+
+
+def _norms(delta_sq: float, base_sq: float, inexact: int) -> TensorStats:
     rel = math.sqrt(delta_sq / base_sq) if base_sq else (0.0 if delta_sq == 0 else math.inf)
-    # base_norm: lets `patch_model` tell whether a loaded model is the base this Δ was made from.
-    return {"norm": math.sqrt(delta_sq), "rel_norm": rel, "base_norm": math.sqrt(base_sq)}
+    return TensorStats(math.sqrt(delta_sq), rel, math.sqrt(base_sq), inexact)
 
 
 def _square_sum(block: torch.Tensor) -> float:

@@ -24,9 +24,10 @@ import torch
 
 from .checkpoint import Checkpoint
 from .lowrank import LowRankFactors, randomized_svd
-from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
-from .plan import EMBED_NAMES, LM_HEAD, TensorPair, plan_pairs, select, ties_embeddings
-from .streaming import check_finite, progress, resolve_device, resolve_dtype, row_blocks, DEFAULT_BLOCK_BYTES
+from .manifest import ModuleStats, as_json, copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
+from .plan import Role, RoleTable, TensorPlan, plan_pairs, roles_of, select, ties_embeddings
+from .options import RunOptions
+from .streaming import check_finite, progress, row_blocks, DEFAULT_BLOCK_BYTES
 from .writer import OutputFolder, SafetensorsShardWriter
 
 logger = logging.getLogger(__name__)
@@ -38,43 +39,55 @@ SPECTRUM_POINTS = 256  # explained-variance points kept per module in the manife
 
 @dataclass(frozen=True)
 class Target:
-    """How one instruct tensor goes into the adapter."""
+    """How one instruct tensor goes into the adapter: the plan of the tensor and its layout."""
 
-    pair: TensorPair
-    role: str  # "lora", "embedding" (lora_embedding_A/B), "full" (modules_to_save), "bias"
+    pair: TensorPlan
+    role: str  # layout: "lora", "embedding" (lora_embedding_A/B), "full" (modules_to_save), "bias"
     source: str | None = None  # instruct tensor to read, when not pair.name (a tied lm_head)
 
     @property
     def module(self) -> str:
-        return self.pair.name.rsplit(".", 1)[0]
+        """PEFT's module name: the in-memory one (GPT-NeoX's `embed_out` is `lm_head` there)."""
+        return self.pair.param.rsplit(".", 1)[0]
+
+    @property
+    def transposed(self) -> bool:
+        return self.pair.kind is Role.CONV1D
 
 
-def classify(pairs: list[TensorPair], chosen: set[str], embeddings: str) -> list[Target]:
-    targets = []
-    for p in pairs:
-        if p.name not in chosen:
-            continue
-        is_vocab = p.name in EMBED_NAMES or p.name == LM_HEAD
-        if p.name.endswith(".bias"):
-            role = "bias"
-        elif len(p.shape) != 2 or p.added_rows or (is_vocab and embeddings != "lora"):
-            role = "full"
-        elif p.name in EMBED_NAMES:
-            role = "embedding"
-        else:
-            role = "lora"
-        targets.append(Target(p, role))
-    return targets
+LOWRANK_ROLES = (Role.LINEAR, Role.CONV1D)
 
 
-def tied_head_copy(targets: list[Target], theta: Checkpoint) -> list[Target]:
+def layout_of(p: TensorPlan, embeddings: str, derived: bool) -> str:
+    """Where a tensor goes in a PEFT adapter, from its role (the role table decides, not its name)."""
+    kind = p.kind
+    if kind is Role.BIAS:
+        return "bias"
+    if len(p.shape) != 2 or p.added_rows:
+        return "full"
+    if kind is Role.EMBEDDING:
+        return "embedding" if embeddings == "lora" else "full"
+    if kind is Role.LM_HEAD:
+        return "lora" if embeddings == "lora" else "full"
+    # A name-only table (no transformers) cannot tell a linear from other matrices: take it for one.
+    return "lora" if kind in LOWRANK_ROLES or (not derived and kind is Role.OTHER) else "full"
+
+
+def classify(pairs: list[TensorPlan], chosen: set[str], embeddings: str, table: RoleTable) -> list[Target]:
+    table.require_classes("LoRE-Adapt", names_suffice=True)
+    table.refuse_experts("LoRE-Adapt", [p.name for p in pairs if p.name in chosen])
+    return [Target(p, layout_of(p, embeddings, table.derived)) for p in pairs if p.name in chosen]
+
+
+def tied_head_copy(targets: list[Target], theta: Checkpoint, table: RoleTable) -> list[Target]:
     """PEFT unties a tied lm_head from an embedding saved in modules_to_save unless
     `ensure_weight_tying` is set, and then it expects an lm_head copy in the file."""
-    embed = next((t for t in targets if t.pair.name in EMBED_NAMES and t.role == "full"), None)
-    if embed is None or LM_HEAD in theta or not ties_embeddings(theta.config):
+    head = table.lm_head
+    embed = next((t for t in targets if t.pair.name == table.embedding_key and t.role == "full"), None)
+    if embed is None or head is None or head.key in theta or not ties_embeddings(theta.config):
         return []
-    head = TensorPair(LM_HEAD, embed.pair.base, embed.pair.shape, embed.pair.base_rows, embed.pair.dtype)
-    return [Target(head, "full", source=embed.pair.name)]
+    copy = TensorPlan(head.key, embed.pair.base, embed.pair.shape, embed.pair.base_rows, embed.pair.dtype, head)
+    return [Target(copy, "full", source=embed.pair.name)]
 
 
 def adapter_keys(targets: list[Target]) -> list[str]:
@@ -94,8 +107,8 @@ def adapter_keys(targets: list[Target]) -> list[str]:
 def _full_key(t: Target, lora_modules: set[str]) -> str:
     # A LoRA-wrapped module keeps its original parameters under `base_layer`.
     if t.module in lora_modules:
-        return f"{PREFIX}{t.module}.base_layer.{t.pair.name.rsplit('.', 1)[1]}"
-    return PREFIX + t.pair.name
+        return f"{PREFIX}{t.module}.base_layer.{t.pair.param.rsplit('.', 1)[1]}"
+    return PREFIX + t.pair.param
 
 
 def extract_lore(
@@ -113,27 +126,28 @@ def extract_lore(
     if embeddings not in ("full", "lora"):
         raise ValueError(f"embeddings must be 'full' or 'lora', not {embeddings!r}")
     out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct))
-    dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
+    run = RunOptions.resolve(device=device, dtype=dtype, block_bytes=block_bytes, quiet=quiet)
     svd_options = dict(energy=energy, rank=rank, max_error=max_error, max_rank=max_rank, seed=seed)
     if power_iters is not None:
         svd_options["power_iters"] = power_iters
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
         pairs = plan_pairs(phi, theta)
-        targets = classify(pairs, select([p.name for p in pairs], include, exclude), embeddings)
-        copies = tied_head_copy(targets, theta)
+        table = roles_of(phi, theta.names)
+        targets = classify(pairs, select([p.name for p in pairs], include, exclude), embeddings, table)
+        copies = tied_head_copy(targets, theta, table)
         targets += copies
         manifest = new_manifest(
             "lore-adapter",
             inputs={"base": input_record(phi), "instruct": input_record(theta)},
             energy=energy, rank=rank, max_error=max_error, max_rank=max_rank, seed=seed, embeddings=embeddings,
-            dtype=str(out_dtype).replace("torch.", "") if out_dtype else "inputs",
+            dtype=run.dtype_name or "inputs",
             tied_copies=[t.pair.name for t in copies],
             instruct_config=theta.config,
         )
         with out_folder as tmp:
             writer = SafetensorsShardWriter(tmp / "adapter_model.safetensors", adapter_keys(targets), safetensors_metadata(manifest))
             try:
-                modules = _write_targets(writer, targets, phi, theta, out_dtype, dev, svd_options, block_bytes, quiet)
+                modules = _write_targets(writer, targets, phi, theta, run, svd_options)
                 writer.finalize()
             finally:
                 writer.close()
@@ -146,18 +160,18 @@ def extract_lore(
     return manifest
 
 
-def _write_targets(writer, targets, phi, theta, out_dtype, dev, svd_options, block_bytes, quiet) -> dict:
+def _write_targets(writer, targets, phi, theta, run: RunOptions, svd_options: dict) -> dict:
     lora_modules = {t.module for t in targets if t.role in ("lora", "embedding")}
     modules = {}
-    bar = progress(sum(math.prod(t.pair.shape) for t in targets), "lore", quiet)
+    bar = progress(sum(math.prod(t.pair.shape) for t in targets), "lore", run.quiet)
     try:
         for t in targets:
-            dtype = out_dtype or theta.info(t.source or t.pair.name).dtype
+            dtype = run.dtype or theta.info(t.source or t.pair.name).dtype
             if t.role in ("lora", "embedding"):
-                modules[t.module] = _write_lowrank(writer, t, phi, theta, dtype, dev, svd_options, block_bytes)
+                modules[t.module] = _write_lowrank(writer, t, phi, theta, dtype, run, svd_options)
             else:
-                _write_full(writer, t, _full_key(t, lora_modules), theta, dtype, block_bytes)
-                modules.setdefault(t.module, {"kind": "full", "shape": list(t.pair.shape)})
+                _write_full(writer, t, _full_key(t, lora_modules), theta, dtype, run.block_bytes)
+                modules.setdefault(t.module, as_json(ModuleStats("full", list(t.pair.shape))))
             bar.update(math.prod(t.pair.shape))
     finally:
         bar.close()
@@ -179,9 +193,10 @@ def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes
     return delta, math.sqrt(base_sq)
 
 
-def _write_lowrank(writer, t: Target, phi, theta, dtype, dev, svd_options, block_bytes) -> dict:
-    delta, base_norm = delta_matrix(t, phi, theta, dev, block_bytes)
-    f = randomized_svd(delta, **svd_options)
+def _write_lowrank(writer, t: Target, phi, theta, dtype, run: RunOptions, svd_options: dict) -> dict:
+    delta, base_norm = delta_matrix(t, phi, theta, run.device, run.block_bytes)
+    # A Conv1D weight is stored [in, out]; PEFT's factors are for its [out, in] transpose.
+    f = randomized_svd(delta.T if t.transposed else delta, **svd_options)
     del delta
     root = f.S.sqrt()
     B, A = f.U * root, root[:, None] * f.Vh  # Δ ≈ B·A, split evenly so neither factor is tiny
@@ -198,18 +213,15 @@ def _write_lowrank(writer, t: Target, phi, theta, dtype, dev, svd_options, block
 
 
 def module_record(t: Target, f: LowRankFactors, base_norm: float) -> dict:
+    """The module's `ModuleStats`, as JSON."""
     energy = f.spectrum.double().square().cumsum(0) / f.total_energy if f.total_energy else f.spectrum.double() * 0
     step = max(1, math.ceil(len(energy) / SPECTRUM_POINTS))
-    return {
-        "kind": t.role,
-        "shape": list(t.pair.shape),
-        "rank": f.rank,
-        "energy": round(f.captured_energy, 6),
-        "rel_error": round(f.relative_error, 6),
-        "explained_variance": [round(float(v), 5) for v in energy[::step]],
-        "explained_variance_step": step,
-        "base_norm": base_norm,  # ‖Φ‖: lets `patch_model` tell whether a loaded model is this base
-    }
+    return as_json(ModuleStats(
+        t.role, list(t.pair.shape), rank=f.rank, energy=round(f.captured_energy, 6),
+        rel_error=round(f.relative_error, 6), explained_variance=[round(float(v), 5) for v in energy[::step]],
+        explained_variance_step=step,
+        base_norm=base_norm,  # ‖Φ‖: lets `patch_model` tell whether a loaded model is this base
+    ))
 
 
 def _write_full(writer, t: Target, key: str, theta: Checkpoint, dtype, block_bytes: int) -> None:
@@ -241,7 +253,7 @@ def _write_adapter_config(folder: Path, targets: list[Target], modules: dict, ba
         "lora_dropout": 0.0,
         "use_rslora": False,
         "use_dora": False,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(t.transposed for t in targets if t.role == "lora"),
         "init_lora_weights": True,
         "inference_mode": True,
         # A tied lm_head must follow the saved / adapted embedding (PEFT >= 0.18 honours this).

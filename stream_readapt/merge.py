@@ -17,19 +17,23 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .checkpoint import Checkpoint
 from .jsonfile import load_json_object
-from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
+from .manifest import (
+    InputRecord, MergeStats, as_json, copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest,
+)
 from .peft_adapter import PeftAdapter
-from .plan import LM_HEAD, TensorPair, base_name_for
+from .plan import Role, TensorPlan, bind_adapter
 from .safetensors_reader import CheckpointError
-from .sources import InstructDelta, open_readapter
+from .options import RunOptions, Scales
+from .sources import DeltaSource, InstructDelta, open_readapter
 from .blocks import BlockBuffers, Job, stream_pass
-from .streaming import DEFAULT_BLOCK_BYTES, check_scales, progress, resolve_device, resolve_dtype
+from .streaming import DEFAULT_BLOCK_BYTES, check_scales, progress
 from .writer import CheckpointWriter, OutputFolder, PlannedTensor, shards_by_size, shards_like
 
 logger = logging.getLogger(__name__)
@@ -71,7 +75,7 @@ def merge(
         raise ValueError("give exactly one of instruct= or readapter= (where Δ comes from)")
     check_scales(alpha=alpha, beta=beta)
     out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct, readapter, knowledge))
-    dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
+    run = RunOptions.resolve(device=device, dtype=dtype, max_shard_size=max_shard_size, block_bytes=block_bytes, quiet=quiet)
     with Checkpoint.open(base, revision=revision) as phi:
         delta = InstructDelta(Checkpoint.open(instruct, revision=revision)) if instruct else open_readapter(readapter)
         psi = PeftAdapter(knowledge) if knowledge else None
@@ -79,18 +83,16 @@ def merge(
             _check_recorded_base(delta, phi, ignore_base_mismatch)
             pairs = delta.plan(phi)
             if psi is not None:
-                psi.check_base(phi, resolve=lambda n: base_name_for(phi, n))
+                bind_adapter(psi, phi)
             manifest = new_manifest(
                 "merged",
                 inputs=_inputs(phi, delta, psi),
                 alpha=alpha, beta=beta,
-                dtype=str(out_dtype).replace("torch.", "") if out_dtype else "base",
-                device=str(dev),
+                dtype=run.dtype_name or "base",
+                device=str(run.device),
             )
             with out_folder as tmp:
-                manifest["tensors"] = _write_all(
-                    tmp, pairs, phi, delta, psi, alpha, beta, out_dtype, dev, max_shard_size, block_bytes, manifest, quiet
-                )
+                manifest["tensors"] = MergePass(phi, delta, psi, Scales(alpha, beta), run).write(tmp, pairs, manifest)
                 _write_side_files(tmp, delta, phi, pairs)
                 write_manifest(tmp, manifest)
         finally:
@@ -104,7 +106,7 @@ def merge(
 def _inputs(phi, delta, psi) -> dict:
     inputs = {"base": input_record(phi), "delta": delta.record()}
     if psi is not None:
-        inputs["knowledge"] = {"source": psi.source, "fingerprint": psi.fingerprint()}
+        inputs["knowledge"] = InputRecord(psi.source, psi.fingerprint())
     return inputs
 
 
@@ -120,47 +122,59 @@ def _check_recorded_base(delta, phi: Checkpoint, ignore: bool) -> None:
         logger.warning(msg)
 
 
-def _write_all(tmp, pairs, phi, delta, psi, alpha, beta, out_dtype, dev, max_shard_size, block_bytes, manifest, quiet):
-    dtype_of = lambda p: out_dtype or p.dtype
-    plan = [PlannedTensor(p.name, math.prod(p.shape) * dtype_of(p).itemsize) for p in pairs]
-    groups = shards_by_size(plan, max_shard_size) if max_shard_size else shards_like(plan, phi.weight_map)
-    by_name = {p.name: p for p in pairs}
-    order = [by_name[n] for g in groups for n in g]
-    record = {p.name: {"delta": beta != 0 and delta.has(p.name), "knowledge": False, "added_rows": p.added_rows} for p in order}
+@dataclass
+class MergePass:
+    """One streaming pass writing Ω = Φ + α·Ψ + β·Δ, tensor by tensor, a row block at a time."""
 
-    def reads_of(job: Job) -> list:
-        wants_delta = beta != 0 or job.start >= job.pair.base_rows
-        own = [] if job.start >= job.pair.base_rows else [(phi, job.pair.base, job.start, job.stop, "phi")]
-        return own + (delta.reads(job.pair.name, job.start, job.stop) if wants_delta else [])
+    phi: Checkpoint
+    delta: DeltaSource
+    psi: PeftAdapter | None
+    scales: Scales
+    run: RunOptions
 
-    def compute(job: Job) -> torch.Tensor:
+    def write(self, tmp: Path, pairs: list[TensorPlan], manifest: dict) -> dict:
+        dtype_of = lambda p: self.run.dtype or p.dtype
+        plan = [PlannedTensor(p.name, math.prod(p.shape) * dtype_of(p).itemsize) for p in pairs]
+        groups = (shards_by_size(plan, self.run.max_shard_size) if self.run.max_shard_size
+                  else shards_like(plan, self.phi.weight_map))
+        by_name = {p.name: p for p in pairs}
+        order = [by_name[n] for g in groups for n in g]
+        self.record = {p.name: MergeStats(self.scales.beta != 0 and self.delta.has(p.name), False, p.added_rows)
+                       for p in order}
+        writer = CheckpointWriter(tmp, groups, metadata=safetensors_metadata(manifest))
+        with progress(sum(t.nbytes for t in plan), "merge", self.run.quiet) as bar, BlockBuffers(self.run.device) as blocks:
+            self.delta.blocks = blocks
+            stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=self.reads_of, compute=self.compute,
+                        block_bytes=self.run.block_bytes, bar=bar)
+        return as_json(self.record)
+
+    def reads_of(self, job: Job) -> list:
+        added = job.start >= job.pair.base_rows
+        own = [] if added else [(self.phi, job.pair.base, job.start, job.stop, "phi")]
+        wants_delta = self.scales.beta != 0 or added
+        return own + (self.delta.reads(job.pair.name, job.start, job.stop) if wants_delta else [])
+
+    def compute(self, job: Job) -> torch.Tensor:
         if job.start >= job.pair.base_rows:
-            return delta.added_rows(job.pair.name, job.start, job.stop, dev)
-        return _merge_block(job.pair, phi, delta, psi, alpha, beta, job.start, job.stop, record[job.pair.name])
+            return self.delta.added_rows(job.pair.name, job.start, job.stop, self.run.device)
+        return self.block(job.pair, job.start, job.stop)
 
-    writer = CheckpointWriter(tmp, groups, metadata=safetensors_metadata(manifest))
-    with progress(sum(t.nbytes for t in plan), "merge", quiet) as bar, BlockBuffers(dev) as blocks:
-        delta.blocks = blocks
-        stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=reads_of, compute=compute,
-                    block_bytes=block_bytes, bar=bar)
-    return record
-
-
-def _merge_block(pair, phi, delta, psi, alpha, beta, start, stop, used) -> torch.Tensor:
-    base = delta.blocks.read_f32(phi, pair.base, start, stop, slot="phi")
-    with_psi = psi is not None and alpha != 0 and psi.has(pair.name)
-    # DoRA and saved weights need Φ's rows, which the blend may overwrite: take Ψ first.
-    knowledge = psi.delta_rows(pair.name, base, start, stop) if with_psi and psi.needs_base_rows(pair.name) else None
-    out = delta.blend(pair.name, base, beta, start, stop) if beta != 0 else base
-    if knowledge is not None:
-        out.add_(knowledge, alpha=alpha)
-    elif with_psi:
-        psi.add_rows_(out, pair.name, start, stop, alpha)  # plain LoRA: one fused addmm
-    used["knowledge"] |= with_psi
-    return out
+    def block(self, pair: TensorPlan, start: int, stop: int) -> torch.Tensor:
+        alpha, beta, psi = self.scales.alpha, self.scales.beta, self.psi
+        base = self.delta.blocks.read_f32(self.phi, pair.base, start, stop, slot="phi")
+        with_psi = psi is not None and alpha != 0 and psi.has(pair.name)
+        # DoRA and saved weights need Φ's rows, which the blend may overwrite: take Ψ first.
+        knowledge = psi.delta_rows(pair.name, base, start, stop) if with_psi and psi.needs_base_rows(pair.name) else None
+        out = self.delta.blend(pair.name, base, beta, start, stop) if beta != 0 else base
+        if knowledge is not None:
+            out.add_(knowledge, alpha=alpha)
+        elif with_psi:
+            psi.add_rows_(out, pair.name, start, stop, alpha)  # plain LoRA: one fused addmm
+        self.record[pair.name].knowledge |= with_psi
+        return out
 
 
-def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPair]) -> None:
+def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPlan]) -> None:
     """Config, generation config and tokenizer from the instruct side (else the base)."""
     copied = copy_side_files(delta.folder, tmp)
     recorded = (delta.manifest or {}).get("instruct_config")
@@ -170,7 +184,7 @@ def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPair]
     if "config.json" not in copied:
         copy_side_files(phi.folder, tmp, skip=tuple(copied))
     config_path = tmp / "config.json"
-    if config_path.is_file() and any(p.name == LM_HEAD for p in pairs):
+    if config_path.is_file() and any(p.kind is Role.LM_HEAD for p in pairs):
         # A separate lm_head was written: the config must not tie it back to the embeddings.
         config = load_json_object(config_path)
         if config.get("tie_word_embeddings", True):

@@ -24,12 +24,17 @@ from .kernels.readapt_linear import (
     fold_lowrank, readapt_linear_full, readapt_linear_full_ref, readapt_linear_lowrank, readapt_linear_lowrank_ref,
 )
 from .peft_adapter import PeftAdapter
-from .plan import base_name_for
+from .plan import bind_adapter
+from .roles import table_of_model
 from .safetensors_reader import CheckpointError
 from .sources import FullDelta, open_readapter
 from .streaming import check_scales
 
 logger = logging.getLogger(__name__)
+try:  # GPT-2 style layers: y = x·W + b with W stored [in, out]
+    from transformers.pytorch_utils import Conv1D as _CONV1D
+except ImportError:  # patch_model takes transformers models, so without it there is no Conv1D to meet
+    _CONV1D = ()
 BASE_NORM_RTOL = 1e-3  # bf16/fp16 rounding moves a weight's norm by ~1e-5; another base by far more
 
 
@@ -44,11 +49,16 @@ class Terms:
 
 
 class ReadaptLinear(nn.Module):
-    """y = x·Φᵀ + α·Ψ(x) + β·Δ(x) [+ bias], fused; α and β are live."""
+    """y = x·Φᵀ + α·Ψ(x) + β·Δ(x) [+ bias], fused; α and β are live.
 
-    def __init__(self, base: nn.Linear, weight_terms: Terms, bias_terms: Terms | None):
+    A Conv1D layer (GPT-2: y = x·W + b, W stored [in, out]) is taken as the linear layer of
+    Wᵀ: its weight and full terms are used through transposed views (no copy); its low-rank
+    factors are already in the linear orientation (PEFT's fan_in_fan_out)."""
+
+    def __init__(self, base: nn.Module, weight_terms: Terms, bias_terms: Terms | None, *, transposed: bool = False):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias  # Φ, under nn.Linear's names
+        self.transposed = transposed
         self.terms, self.bias_terms = weight_terms, bias_terms
         self.dora_scale = self._dora_scale() if weight_terms.magnitude is not None else None
         self.set_scales(0.5, 0.5)
@@ -56,8 +66,13 @@ class ReadaptLinear(nn.Module):
     def _dora_scale(self) -> torch.Tensor:
         """c = m / ‖Φ + s·B·A‖_row, once at load (PEFT detaches the norm the same way)."""
         A, B, s = self.terms.lora
-        merged = self.weight.float() + s * (B.float() @ A.float())
+        merged = self.linear_weight.float() + s * (B.float() @ A.float())
         return self.terms.magnitude.float() / torch.linalg.vector_norm(merged, dim=1)
+
+    @property
+    def linear_weight(self) -> torch.Tensor:
+        """Φ as an [out, in] linear weight (a view for Conv1D)."""
+        return self.weight.T if self.transposed else self.weight
 
     def set_scales(self, alpha: float, beta: float) -> None:
         t = self.terms
@@ -67,41 +82,56 @@ class ReadaptLinear(nn.Module):
             U, None, V, A, B, s, alpha=alpha, beta=beta, magnitude_scale=self.dora_scale, dtype=self.weight.dtype
         )
         self.delta, self.delta_scale = _full_weight_term(t.full, alpha, beta, self.weight.dtype)
+        if self.delta is not None and self.transposed:
+            self.delta = self.delta.T
         self.bias_eff = _combined_bias(self.bias, self.bias_terms, alpha, beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         row_scale = None if self.row_scale is None else self.row_scale.to(x.device)
         # Triton kernels on CUDA; on the CPU their references (never the slow interpreter).
         full, lowrank = (readapt_linear_full, readapt_linear_lowrank) if x.is_cuda else (readapt_linear_full_ref, readapt_linear_lowrank_ref)
+        weight = self.linear_weight
         if self.delta is not None:
-            return full(x, self.weight, self.delta, self.delta_scale, bias=self.bias_eff, row_scale=row_scale,
+            return full(x, weight, self.delta, self.delta_scale, bias=self.bias_eff, row_scale=row_scale,
                         down=self.down, up=self.up)
         if self.down is None:  # only bias terms
-            return F.linear(x, self.weight, self.bias_eff)
-        return lowrank(x, self.weight, self.down, self.up, bias=self.bias_eff, row_scale=row_scale)
+            return F.linear(x, weight, self.bias_eff)
+        return lowrank(x, weight, self.down, self.up, bias=self.bias_eff, row_scale=row_scale)
 
 
 class ReadaptEmbedding(nn.Module):
-    """Embedding lookup of Φ + α·Ψ + β·Δ, row by row: the merged table is never built."""
+    """Embedding lookup of Φ + α·Ψ + β·Δ, row by row: the merged table is never built.
+
+    Each term goes through the base module's own forward with its table swapped in
+    (`torch.func.functional_call`), so whatever that forward does besides the lookup, Gemma's
+    √hidden scale or OPT's position offset, applies to Δ and Ψ exactly as to Φ. Low-rank
+    terms look up their left factor's rows the same way, then multiply by the right one
+    (a lookup followed by a scale commutes with that product)."""
 
     def __init__(self, base: nn.Embedding, terms: Terms):
         super().__init__()
-        self.weight, self.padding_idx, self.terms = base.weight, base.padding_idx, terms
+        # The base module is held outside the module tree (its weight is ours, registered once),
+        # so the patched model's parameters and state_dict keys stay the base model's.
+        self._base, self.terms = (base,), terms
+        self.weight, self.padding_idx = base.weight, base.padding_idx
         self.set_scales(0.5, 0.5)
 
     def set_scales(self, alpha: float, beta: float) -> None:
         self.alpha, self.beta = alpha, beta
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(ids, self.weight).float()
+    def _lookup(self, table: torch.Tensor, args, kwargs) -> torch.Tensor:
+        return torch.func.functional_call(self._base[0], {"weight": table}, args, kwargs).float()
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        out = self._base[0](*args, **kwargs).float()
         for scale_name, full in self.terms.full.items():
-            out += getattr(self, scale_name) * F.embedding(ids, full).float()
+            out += getattr(self, scale_name) * self._lookup(full, args, kwargs)
         if self.terms.lore is not None:  # Δ rows = U[ids]·Vᵀ
             U, V = self.terms.lore
-            out += self.beta * F.embedding(ids, U).float() @ V.float().T
+            out += self.beta * self._lookup(U, args, kwargs) @ V.float().T
         if self.terms.lora is not None:  # Ψ rows = s·B[ids]·A (factors already in row orientation)
             A, B, s = self.terms.lora
-            out += (self.alpha * s) * F.embedding(ids, B).float() @ A.float()
+            out += (self.alpha * s) * self._lookup(B, args, kwargs) @ A.float()
         return out.to(self.weight.dtype)
 
 
@@ -139,10 +169,10 @@ def _lowrank_terms(adapter: PeftAdapter, device, *, as_lore: bool) -> dict[str, 
     """Terms per base tensor name from a PEFT adapter (a LoRE-Adapter is a LoRA with scale 1)."""
     terms: dict[str, Terms] = {}
     scale = "beta" if as_lore else "alpha"
-    for mod in adapter.modules.values():
+    for module_key, mod in adapter.bound_modules():
         load = lambda k: adapter.ckpt.read(k).to(device)
         A, B = load(mod.A), load(mod.B)
-        t = terms.setdefault(mod.target, Terms())
+        t = terms.setdefault(f"{module_key}.weight", Terms())
         if mod.embedding:  # stored as [r, vocab] / [dim, r]: the delta is (B·A)ᵀ = Aᵀ·Bᵀ
             A, B = B.T.contiguous(), A.T.contiguous()  # now rows = B·A, as for a Linear
         if as_lore:
@@ -151,7 +181,7 @@ def _lowrank_terms(adapter: PeftAdapter, device, *, as_lore: bool) -> dict[str, 
             t.lora = (A, B, mod.scale)
             t.magnitude = None if mod.magnitude is None else load(mod.magnitude)
         if mod.bias:
-            terms.setdefault(f"{mod.module}.bias", Terms()).full[scale] = load(mod.bias) * mod.scale
+            terms.setdefault(f"{module_key}.bias", Terms()).full[scale] = load(mod.bias) * mod.scale
     return terms
 
 
@@ -168,10 +198,17 @@ def _full_terms(names, read, base_params: dict[str, torch.Tensor], scale: str, i
 
 class LoadedBase:
     """A loaded model seen as a checkpoint (names, shapes, config), so the adapters' own base
-    checks (`plan`, `check_base`: every tensor has a counterpart of a fitting shape) run on it."""
+    checks (`plan`, `check_base`: every tensor has a counterpart of a fitting shape) run on it.
+
+    Names are checkpoint keys, as the readapters store them (transformers renames some at load:
+    GPT-NeoX's `embed_out` is `lm_head` in memory); `role_table` maps them to parameters. A tied
+    head is left out, as a tied checkpoint leaves it out."""
 
     def __init__(self, model: nn.Module):
-        self.params = dict(model.named_parameters(remove_duplicate=False))
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self.role_table = table_of_model(model)
+        self.params = {r.key: params[r.param] for r in self.role_table.roles.values()
+                       if r.param in params and not r.tied_to}
         self.names = list(self.params)
         self.config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
         self.source = f"{type(model).__name__} (loaded model)"
@@ -192,6 +229,7 @@ def load_terms(model: nn.Module, readapter=None, knowledge=None, *, ignore_base_
     a readapter whose recorded base weight norms are not this model's.
     """
     base = LoadedBase(model)
+    base.role_table.refuse_experts("patch_model", base.names)
     params = base.params
     device = next(model.parameters()).device
     terms: dict[str, Terms] = {}
@@ -210,12 +248,12 @@ def load_terms(model: nn.Module, readapter=None, knowledge=None, *, ignore_base_
     if knowledge is not None:
         psi = PeftAdapter(knowledge)
         try:
-            psi.check_base(base, resolve=lambda n: base_name_for(base, n))
+            bind_adapter(psi, base)
             _merge_terms(terms, _lowrank_terms(psi, device, as_lore=False))
             _replacement_terms(psi, params, "alpha", terms)
         finally:
             psi.close()
-    return terms
+    return {base.role_table.param_of(key): t for key, t in terms.items()}  # by the model's own names
 
 
 def recorded_base_norms(manifest: dict | None) -> dict[str, float]:
@@ -237,6 +275,7 @@ def _check_base_norms(delta, base: LoadedBase, ignore: bool) -> None:
     """Same names and shapes are not the same model (a Llama and a Qwen of one size match):
     compare the weight norms the readapter recorded with the loaded model's."""
     for name, want in recorded_base_norms(delta.manifest).items():
+        name = name if name in base else base.role_table.key_of(name)  # LoRE records PEFT's names
         if name not in base:
             continue
         got = float(torch.linalg.vector_norm(base.params[name].detach(), dtype=torch.float32))
@@ -305,8 +344,9 @@ def patch_model(
     for name, module in list(model.named_modules()):
         weight_terms = terms.get(f"{name}.weight")
         bias_terms = terms.get(f"{name}.bias")
-        if isinstance(module, nn.Linear) and (weight_terms or bias_terms):
-            _replace(model, name, ReadaptLinear(module, weight_terms or Terms(), bias_terms))
+        is_conv1d = isinstance(module, _CONV1D)
+        if (isinstance(module, nn.Linear) or is_conv1d) and (weight_terms or bias_terms):
+            _replace(model, name, ReadaptLinear(module, weight_terms or Terms(), bias_terms, transposed=is_conv1d))
         elif isinstance(module, nn.Embedding) and weight_terms:
             _replace(model, name, ReadaptEmbedding(module, weight_terms))
     _patch_other_params(model, terms)

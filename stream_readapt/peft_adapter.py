@@ -47,7 +47,13 @@ class LoraModule:
     bias: str | None = None
     magnitude: str | None = None
     embedding: bool = False
+    transposed: bool = False  # the base layer stores its weight [in, out] (GPT-2 Conv1D)
     scale: float = 1.0
+
+    @property
+    def by_columns(self) -> bool:
+        """Ψ = s·(B·A)ᵀ against the stored base weight: its rows are columns of A."""
+        return self.embedding or self.transposed
 
     @property
     def target(self) -> str:
@@ -81,6 +87,7 @@ class PeftAdapter:
         for mod in self.modules.values():
             self._finish(mod)
         self._cache: tuple[str, dict] | None = None
+        self._by_base: dict[str, LoraModule] | None = None  # by base module key, once check_base bound it
 
     def _read_config(self) -> dict:
         path = self.folder / "adapter_config.json"
@@ -90,8 +97,6 @@ class PeftAdapter:
         self._check_config_types(path, config)
         if config.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{path}: peft_type {config['peft_type']!r} is not supported (only LORA/DoRA)")
-        if config.get("fan_in_fan_out"):
-            raise CheckpointError(f"{path}: fan_in_fan_out (GPT-2 Conv1D) adapters are not supported")
         return config
 
     @staticmethod
@@ -195,21 +200,33 @@ class PeftAdapter:
         names |= {f"{m.module}.bias" for m in self.modules.values() if m.bias}
         return names
 
-    def check_base(self, base: Checkpoint, resolve=None) -> None:
-        """Every target exists in `base` with matching shapes; else the adapter is for another base."""
+    def check_base(self, base: Checkpoint, resolve=None, *, transposed=None, saved_key=None) -> None:
+        """Every target exists in `base` with matching shapes; else the adapter is for another base.
+
+        Binds the adapter to `base`: afterwards `has`, `delta_rows`, `add_rows_` take base tensor
+        keys. `resolve` maps PEFT's in-memory names to base keys (a tied head to the embedding),
+        `transposed(key)` says which base weights are stored [in, out] (Conv1D), `saved_key` names
+        a saved full tensor's output key (default: `resolve`)."""
         resolve = resolve or (lambda n: n if n in base else None)
+        transposed = transposed or (lambda key: False)
+        by_base = {}
         for mod in self.modules.values():
+            mod.transposed = bool(transposed(resolve(mod.target) or ""))
             self._check_module(base, resolve, mod)
+            by_base[resolve(mod.target).rsplit(".", 1)[0]] = mod
+        replacements = {}
         for name, key in self.replacements.items():
             base_name = resolve(name)
             if base_name is None:
                 raise CheckpointError(f"{self.source}: saved module {name!r} does not exist in the base {base.source}")
+            replacements[(saved_key or resolve)(name) or name] = key
             have, want = self.ckpt.info(key).shape, base.info(base_name).shape
             if have[1:] != want[1:] or have[0] < want[0]:
                 raise CheckpointError(
                     f"{self.source}: {name!r} has shape {list(have)} but the base has {list(want)} "
                     "(adapter made for another base?)"
                 )
+        self._by_base, self.replacements = by_base, replacements
 
     def _check_module(self, base: Checkpoint, resolve, mod: LoraModule) -> None:
         base_name = resolve(mod.target)
@@ -220,8 +237,10 @@ class PeftAdapter:
             )
         rows, cols = base.info(base_name).shape
         a, b = self.ckpt.info(mod.A).shape, self.ckpt.info(mod.B).shape
-        if mod.embedding:
-            a, b = (a[0], a[1]), (b[0], b[1])
+        if mod.transposed and mod.magnitude:
+            raise CheckpointError(f"{self.source}: DoRA on {mod.module!r}, a Conv1D layer (weight stored [in, out]), "
+                                  "is not supported")
+        if mod.by_columns:
             ok = a[1] == rows and b[0] == cols and a[0] == b[1]
         else:
             ok = a[1] == cols and b[0] == rows and a[0] == b[1]
@@ -230,6 +249,7 @@ class PeftAdapter:
                 f"{self.source}: {mod.module!r} factors {list(a)}x{list(b)} do not fit the base weight "
                 f"{[rows, cols]} (adapter made for another base?)"
             )
+        rows = cols if mod.by_columns else rows  # output features, for the magnitude and bias checks
         if mod.magnitude and list(self.ckpt.info(mod.magnitude).shape) != [rows]:
             raise CheckpointError(
                 f"{self.source}: {mod.module!r} DoRA lora_magnitude_vector has shape "
@@ -292,13 +312,18 @@ class PeftAdapter:
         if name.endswith(".bias"):
             if mod.bias:
                 out.add_(f["bias"][start:stop], alpha=w)
-        elif mod.embedding:
+        elif mod.by_columns:
             out.addmm_(f["A"][:, start:stop].T, f["B"].T, alpha=w)
         else:
             out.addmm_(f["B"][start:stop], f["A"], alpha=w)
 
+    def bound_modules(self):
+        """(base module key, module) pairs: keyed by the base's tensor names once bound by check_base."""
+        return (self._by_base or {m.module: m for m in self.modules.values()}).items()
+
     def _module_of(self, name: str) -> LoraModule | None:
-        return self.modules.get(name.rsplit(".", 1)[0])
+        table = self.modules if self._by_base is None else self._by_base
+        return table.get(name.rsplit(".", 1)[0])
 
     def _lora_rows(self, name: str, phi: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
         mod = self._module_of(name)
@@ -307,7 +332,7 @@ class PeftAdapter:
         f = self._factors(mod, phi.device)
         if name.endswith(".bias"):
             return mod.scale * f["bias"][start:stop] if mod.bias else None
-        if mod.embedding:  # PEFT: (B @ A)^T * s, so rows of the embedding are columns of A
+        if mod.by_columns:  # PEFT: (B @ A)^T * s, so rows of the stored weight are columns of A
             lora = (f["A"][:, start:stop].T @ f["B"].T).mul_(mod.scale)
         else:
             lora = (f["B"][start:stop] @ f["A"]).mul_(mod.scale)

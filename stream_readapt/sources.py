@@ -8,26 +8,54 @@ and `added_rows` (the rows past the base's vocabulary, taken whole).
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 
 from .checkpoint import Checkpoint
-from .manifest import read_manifest
+from .manifest import InputRecord, read_manifest
 from .peft_adapter import PeftAdapter
-from .plan import TensorPair, base_name_for, check_float, pair_tensor, plan_pairs
+from .plan import TensorPlan, bind_adapter, check_float, pair_tensor, plan_pairs, roles_of
 from .safetensors_reader import CheckpointError
 from .blocks import BlockBuffers
 from .streaming import to_device_f32
 
 
-class DeltaSource:
-    """What every source shares: Φ + β·Δ by adding Δ's rows (when this tensor has a Δ)."""
+class DeltaSource(ABC):
+    """Where Δ comes from, for merge and patch_model alike. Names are the base's checkpoint keys.
+
+    `plan` pairs the source with the base (and checks it fits); then, per output tensor and a
+    block of base rows Φ (float32, on the device), `delta_rows` gives Δ for those rows (None:
+    no Δ for this tensor) and `blend` gives Φ + β·Δ (it may reuse `phi`'s storage);
+    `added_rows` gives rows past the base vocabulary, taken whole; `reads` lists the block
+    reads `blend` will make, for read-ahead."""
 
     kind = "?"
     folder: Path
     manifest: dict | None = None
     blocks: BlockBuffers | None = None  # set by the caller to reuse block buffers
+
+    @abstractmethod
+    def plan(self, base: Checkpoint) -> list[TensorPlan]: ...
+
+    @abstractmethod
+    def has(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def reads(self, name: str, start: int, stop: int) -> list: ...
+
+    @abstractmethod
+    def delta_rows(self, name: str, phi: torch.Tensor, start: int, stop: int) -> torch.Tensor | None: ...
+
+    @abstractmethod
+    def added_rows(self, name: str, start: int, stop: int, device) -> torch.Tensor: ...
+
+    @abstractmethod
+    def record(self) -> InputRecord: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
 
     def blend(self, name: str, phi: torch.Tensor, beta: float, start: int, stop: int) -> torch.Tensor:
         """Φ + β·Δ for these rows; may reuse `phi`'s storage."""
@@ -44,7 +72,7 @@ class InstructDelta(DeltaSource):
         self.ckpt = instruct
         self.folder = instruct.folder
 
-    def plan(self, base: Checkpoint) -> list[TensorPair]:
+    def plan(self, base: Checkpoint) -> list[TensorPlan]:
         return plan_pairs(base, self.ckpt)
 
     def has(self, name: str) -> bool:
@@ -68,8 +96,8 @@ class InstructDelta(DeltaSource):
 
     added_rows = read
 
-    def record(self) -> dict:
-        return {"source": self.ckpt.source, "fingerprint": self.ckpt.fingerprint(), "kind": self.kind}
+    def record(self) -> InputRecord:
+        return InputRecord(self.ckpt.source, self.ckpt.fingerprint(), self.kind)
 
     def close(self) -> None:
         self.ckpt.close()
@@ -85,7 +113,7 @@ class FullDelta(InstructDelta):
         super().__init__(Checkpoint.from_folder(folder))
         self.manifest = manifest
 
-    def plan(self, base: Checkpoint) -> list[TensorPair]:
+    def plan(self, base: Checkpoint) -> list[TensorPlan]:
         pairs = {n: pair_tensor(base, n, tuple(self.ckpt.info(n).shape), self.ckpt.source, self.ckpt.info(n).dtype)
                  for n in self.ckpt.names}
         dropped = set(self.manifest.get("base_only", []))
@@ -108,8 +136,8 @@ class LoreDelta(DeltaSource):
         self.folder = Path(folder)
         self.manifest = manifest
 
-    def plan(self, base: Checkpoint) -> list[TensorPair]:
-        self.adapter.check_base(base, resolve=lambda n: base_name_for(base, n))
+    def plan(self, base: Checkpoint) -> list[TensorPlan]:
+        bind_adapter(self.adapter, base)
         pairs = {name: _base_pair(base, name) for name in base.names}
         copies = set((self.manifest or {}).get("tied_copies", []))  # PEFT's tied lm_head copy: not ours
         for name, key in self.adapter.replacements.items():  # full tensors, maybe with added rows
@@ -138,20 +166,20 @@ class LoreDelta(DeltaSource):
         key = self.adapter.replacements[name]
         return to_device_f32(self.adapter.ckpt.read_rows(key, start, stop), device)
 
-    def record(self) -> dict:
-        return {"source": str(self.folder), "fingerprint": self.adapter.fingerprint(), "kind": self.kind}
+    def record(self) -> InputRecord:
+        return InputRecord(str(self.folder), self.adapter.fingerprint(), self.kind)
 
     def close(self) -> None:
         self.adapter.close()
 
 
-def _base_pair(base: Checkpoint, name: str) -> TensorPair:
+def _base_pair(base: Checkpoint, name: str) -> TensorPlan:
     info = base.info(name)
     check_float(info.dtype, name, base.source)
-    return TensorPair(name, name, info.shape, info.shape[0] if info.shape else 1, info.dtype)
+    return TensorPlan(name, name, info.shape, info.shape[0] if info.shape else 1, info.dtype, roles_of(base).of(name))
 
 
-def _in_base_order(base: Checkpoint, pairs: dict[str, TensorPair]) -> list[TensorPair]:
+def _in_base_order(base: Checkpoint, pairs: dict[str, TensorPlan]) -> list[TensorPlan]:
     order = {n: i for i, n in enumerate(base.names)}
     return [pairs[n] for n in sorted(pairs, key=lambda n: order.get(n, len(order)))]
 

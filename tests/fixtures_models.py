@@ -331,10 +331,16 @@ def peft_merged_state_dict(base_dir: str | Path, adapter_dir: str | Path, *,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    import tempfile
+
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    state = merged.state_dict()
-    return {k: state[k].detach().clone() for k in checkpoint_keys(base_dir)}
+    # save_pretrained writes checkpoint keys (transformers reverts its load-time renamings,
+    # e.g. GPT-NeoX's lm_head -> embed_out), which is what a merged checkpoint must hold.
+    with tempfile.TemporaryDirectory() as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        state = load_state_dict(tmp)
+    return {k: state[k].clone() for k in checkpoint_keys(base_dir)}
 
 
 def _grow_rows(phi: torch.Tensor, theta: torch.Tensor, key: str, extra_rows: str) -> torch.Tensor:

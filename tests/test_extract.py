@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+
+import pytest
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import fixtures_models as fm
 from stream_readapt import extract
@@ -36,14 +39,42 @@ def test_delta_and_norms_match_float64(llama_pair, tmp_path):
         assert math.isclose(stats["rel_norm"], float(exact.norm() / phi[k].double().norm()), rel_tol=1e-6)
 
 
-def test_float32_delta_reproduces_bf16_instruct_bit_for_bit(llama_pair_bf16, tmp_path):
-    pair = llama_pair_bf16
-    extract(pair.base, pair.instruct, tmp_path / "re", dtype="float32", device="cpu")
+@pytest.fixture(scope="module")
+def bf16_pair_far_exponents(llama_pair_bf16, tmp_path_factory):
+    """The bf16 pair with one weight moved from 0.033 to 3.3e-7: Θ − Φ then needs more than
+    float32's 24 bits (the case a fresh clone met with transformers 5.24)."""
+    root = tmp_path_factory.mktemp("far_exponents")
+    instruct = root / "instruct"
+    shutil.copytree(llama_pair_bf16.instruct, instruct)
+    name = "model.layers.1.mlp.up_proj.weight"
+    theta = load_file(instruct / "model.safetensors")
+    phi = fm.load_state_dict(llama_pair_bf16.base)
+    theta[name] = theta[name].clone()
+    theta[name][0, 0] = 3.33e-7
+    phi_value = float(phi[name][0, 0].float())
+    assert abs(phi_value) > 1e-3, "the planted element needs a base weight far above 3.3e-7"
+    save_file(theta, instruct / "model.safetensors", metadata={"format": "pt"})
+    return fm.ModelPair(llama_pair_bf16.base, instruct)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_stored_delta_is_exact_where_its_dtype_holds_it(bf16_pair_far_exponents, tmp_path, dtype):
+    """Φ + Δ reproduces a bf16 Θ bit for bit wherever Δ is exact, and the manifest counts
+    exactly the elements where it is not (float64: none)."""
+    pair = bf16_pair_far_exponents
+    manifest = extract(pair.base, pair.instruct, tmp_path / "re", dtype=dtype, device="cpu")
     phi, theta = fm.load_state_dict(pair.base), fm.load_state_dict(pair.instruct)
     delta = load_readapter(tmp_path / "re")
+    total = 0
     for k in theta:
-        assert delta[k].dtype == torch.float32
-        assert torch.equal((phi[k].float() + delta[k]).to(torch.bfloat16), theta[k]), k
+        exact = theta[k].double() - phi[k].double()  # bf16 differences fit float64's 53 bits
+        inexact = delta[k].double() != exact
+        assert manifest["tensors"][k]["inexact"] == int(inexact.sum()), k
+        rebuilt = (phi[k].double() + delta[k].double()).to(torch.bfloat16)
+        assert torch.equal(rebuilt[~inexact], theta[k][~inexact]), k
+        total += int(inexact.sum())
+    assert manifest["inexact_elements"] == total
+    assert (total == 0) if dtype == "float64" else (total >= 1)
 
 
 def test_default_dtype_is_the_inputs(llama_pair_bf16, tmp_path):
