@@ -126,6 +126,9 @@ class RoleTable:
 def role_table(config: dict, keys: list[str]) -> RoleTable:
     """The role table of a checkpoint with this `config.json` and these tensor keys."""
     model_type = config.get("model_type") or "?"
+    layers = _layer_count(config)
+    if layers > MAX_LAYERS:  # a hostile config would have the meta build run for ever
+        return _fallback(config, keys, f"config.json asks for {layers} layers (more than {MAX_LAYERS})", unknown=True)
     try:
         model, transforms = _meta_model(_config_key(config))
     except ImportError as e:
@@ -134,6 +137,15 @@ def role_table(config: dict, keys: list[str]) -> RoleTable:
         first = (str(e).splitlines() or [""])[0][:160]
         return _fallback(config, keys, f"transformers cannot build it ({type(e).__name__}: {first})", unknown=True)
     return _from_model(model, model_type, keys, transforms)
+
+
+MAX_LAYERS = 1024  # the deepest published decoders have ~130
+
+
+def _layer_count(config: dict) -> int:
+    sections = [config] + [v for v in config.values() if isinstance(v, dict)]  # text_config of multimodal wrappers
+    counts = [s.get(k) for s in sections for k in ("num_hidden_layers", "n_layer", "num_layers")]
+    return max([c for c in counts if isinstance(c, int) and not isinstance(c, bool)], default=0)
 
 
 def table_of_model(model, keys: list[str] | None = None) -> RoleTable:
