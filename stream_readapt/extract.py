@@ -130,13 +130,15 @@ def inexact_elements(theta: torch.Tensor, phi: torch.Tensor, delta: torch.Tensor
 
     Two bf16 numbers differ exactly in float32 only when their exponents are within ~16 of
     each other (0.033 − 3.3e-7 is not). Knuth's TwoSum recovers the rounding error of the
-    subtraction exactly, with no wider type; a cast to a narrower `stored` dtype adds its own."""
+    subtraction exactly, with no wider type; a cast to a narrower `stored` dtype adds its own.
+    In place where it can: six passes over the block, two block-sized temporaries."""
     back = delta + phi
-    err = (theta - back) - (phi + (delta - back))
-    lost = err != 0
-    if stored.itemsize < delta.dtype.itemsize:
-        lost |= delta.to(stored).to(delta.dtype) != delta
-    return int(lost.sum())
+    err = theta - back
+    torch.sub(delta, back, out=back)
+    err.sub_(back.add_(phi))  # err = (Θ − back) − (Φ + (Δ − back)), exactly
+    if stored.itemsize < delta.dtype.itemsize:  # |err| + |cast error| is zero iff both are
+        err.abs_().add_(delta.to(stored).to(delta.dtype).sub_(delta).abs_())
+    return int(torch.count_nonzero(err))
 
 
 def _norms(delta_sq: float, base_sq: float, inexact: int) -> TensorStats:
