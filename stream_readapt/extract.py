@@ -39,6 +39,7 @@ def extract(
     overwrite: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     quiet: bool = True,
+    resume: bool = False,
     **lore_options,
 ) -> dict:
     """Write the RE-Adapter Δ = Θ − Φ of `instruct` over `base` to `output`; returns its manifest.
@@ -52,6 +53,8 @@ def extract(
         dtype: storage dtype of Δ (default: the inputs'); float32 makes Φ + Δ
             reproduce a bf16/fp16 Θ bit for bit.
         include, exclude: regexes over tensor names selecting which tensors get a Δ.
+        resume: continue a killed run into `output` from its finished, verified shards
+            (full RE-Adapters; a LoRE-Adapter is one file and starts afresh).
 
     Example:
         >>> manifest = extract("base", "instruct", "readapter")
@@ -67,7 +70,7 @@ def extract(
         )
     if lore_options:
         raise TypeError(f"options {sorted(lore_options)} need energy=, rank= or max_error=")
-    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct))
+    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct), resume=resume)
     dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
         pairs = plan_pairs(phi, theta)
@@ -116,7 +119,7 @@ def _write_deltas(tmp, pairs, phi, theta, out_dtype, dev, max_shard_size, block_
     writer = CheckpointWriter(tmp, groups, prefix="readapter", metadata=safetensors_metadata(manifest))
     with progress(sum(t.nbytes for t in plan), "extract", quiet) as bar, BlockBuffers(dev) as blocks:
         stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=reads_of, compute=compute,
-                    block_bytes=block_bytes, bar=bar)
+                    block_bytes=block_bytes, bar=bar, state=squares)
     return {name: _norms(*sq) for name, sq in squares.items()}
 
 

@@ -27,6 +27,7 @@ from .lowrank import LowRankFactors, randomized_svd
 from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
 from .plan import EMBED_NAMES, LM_HEAD, TensorPair, plan_pairs, select, ties_embeddings
 from .streaming import check_finite, progress, resolve_device, resolve_dtype, row_blocks, DEFAULT_BLOCK_BYTES
+from .ownership import raise_allocation_error
 from .writer import OutputFolder, SafetensorsShardWriter
 
 logger = logging.getLogger(__name__)
@@ -180,8 +181,11 @@ def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes
 
 
 def _write_lowrank(writer, t: Target, phi, theta, dtype, dev, svd_options, block_bytes) -> dict:
-    delta, base_norm = delta_matrix(t, phi, theta, dev, block_bytes)
-    f = randomized_svd(delta, **svd_options)
+    try:
+        delta, base_norm = delta_matrix(t, phi, theta, dev, block_bytes)
+        f = randomized_svd(delta, **svd_options)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        raise_allocation_error(e, t.pair.name, t.pair.shape, dev)
     del delta
     root = f.S.sqrt()
     B, A = f.U * root, root[:, None] * f.Vh  # Δ ≈ B·A, split evenly so neither factor is tiny

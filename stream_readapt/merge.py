@@ -52,6 +52,7 @@ def merge(
     ignore_base_mismatch: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     quiet: bool = True,
+    resume: bool = False,
 ) -> dict:
     """Write the readapted model Ω = Φ + α·Ψ + β·Δ to `output`; returns its manifest.
 
@@ -63,6 +64,7 @@ def merge(
         knowledge: optional PEFT LoRA/rsLoRA/DoRA adapter folder trained on the base (Ψ).
         alpha, beta: weights of Ψ and Δ (the paper's defaults: 0.5, 0.5).
         dtype: output dtype (default: the base's).
+        resume: continue a killed run into `output` from its finished, verified shards.
 
     Example:
         >>> merge("base", "out", instruct="instruct", knowledge="lora", alpha=0.5, beta=0.5)
@@ -70,7 +72,7 @@ def merge(
     if (instruct is None) == (readapter is None):
         raise ValueError("give exactly one of instruct= or readapter= (where Δ comes from)")
     check_scales(alpha=alpha, beta=beta)
-    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct, readapter, knowledge))
+    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct, readapter, knowledge), resume=resume)
     dev, out_dtype = resolve_device(device), resolve_dtype(dtype)
     with Checkpoint.open(base, revision=revision) as phi:
         delta = InstructDelta(Checkpoint.open(instruct, revision=revision)) if instruct else open_readapter(readapter)
@@ -142,7 +144,7 @@ def _write_all(tmp, pairs, phi, delta, psi, alpha, beta, out_dtype, dev, max_sha
     with progress(sum(t.nbytes for t in plan), "merge", quiet) as bar, BlockBuffers(dev) as blocks:
         delta.blocks = blocks
         stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=reads_of, compute=compute,
-                    block_bytes=block_bytes, bar=bar)
+                    block_bytes=block_bytes, bar=bar, state=record)
     return record
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter_checks import refuse_unsupported, warn_on_contradictions
 from .checkpoint import Checkpoint
 from .jsonfile import load_json_object
 from .plan import check_float
@@ -92,6 +93,7 @@ class PeftAdapter:
             raise CheckpointError(f"{path}: peft_type {config['peft_type']!r} is not supported (only LORA/DoRA)")
         if config.get("fan_in_fan_out"):
             raise CheckpointError(f"{path}: fan_in_fan_out (GPT-2 Conv1D) adapters are not supported")
+        refuse_unsupported(path, config)
         return config
 
     @staticmethod
@@ -198,6 +200,7 @@ class PeftAdapter:
     def check_base(self, base: Checkpoint, resolve=None) -> None:
         """Every target exists in `base` with matching shapes; else the adapter is for another base."""
         resolve = resolve or (lambda n: n if n in base else None)
+        warn_on_contradictions(self.source, self.config, base.source, base.config)
         for mod in self.modules.values():
             self._check_module(base, resolve, mod)
         for name, key in self.replacements.items():
