@@ -100,15 +100,16 @@ def find_partials(output: Path) -> list[Partial]:
 
 
 def _identity(path: Path) -> tuple | None:
-    """What -o is now: absent (None), or (kind, device, inode, empty)."""
+    """What -o is now: absent (None), or (kind, device, inode, empty, mtime, ctime)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
+    # Times too: a folder removed and made again may get the same inode number.
     if path.is_symlink():
-        return ("link", st.st_dev, st.st_ino, None)
+        return ("link", st.st_dev, st.st_ino, None, st.st_mtime_ns, st.st_ctime_ns)
     empty = path.is_dir() and not any(path.iterdir())
-    return ("dir" if path.is_dir() else "file", st.st_dev, st.st_ino, empty)
+    return ("dir" if path.is_dir() else "file", st.st_dev, st.st_ino, empty, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
