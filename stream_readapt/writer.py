@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import struct
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ class SafetensorsShardWriter:
         self._entries: dict[str, dict] = {}
         self._offset = 0
         self._current: tuple[str, int] | None = None  # (name, bytes still expected)
-        self._crc = 0  # of the data, as written: the journal's checksum (resume.py)
+        self._hash = resume.new_hash()  # of the data, as written: the journal's checksum
 
     def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         assert self._current is None, "previous tensor not ended"
@@ -83,7 +82,7 @@ class SafetensorsShardWriter:
         if len(data) > left:
             raise ValueError(f"{name}: more bytes written than its shape holds")
         self._fh.write(data)
-        self._crc = zlib.crc32(data, self._crc)
+        self._hash.update(data)
         self._offset += len(data)
         self._current = (name, left - len(data))
 
@@ -114,7 +113,10 @@ class SafetensorsShardWriter:
         self._fh.seek(0)
         self._fh.write(head)
         self._fh.flush()
-        self.record = resume.ShardRecord(self.path.name, len(head) + self._offset, len(head), zlib.crc32(head), self._crc)
+        header_hash = resume.new_hash()
+        header_hash.update(head)
+        self.record = resume.ShardRecord(self.path.name, len(head) + self._offset, len(head),
+                                         resume.digest_text(header_hash), resume.digest_text(self._hash))
         if sync:
             os.fsync(self._fh.fileno())
         self._fh.close()

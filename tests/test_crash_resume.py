@@ -156,3 +156,32 @@ def test_resume_refuses_other_options(pair, tmp_path):
                           timeout=300)
     assert done.returncode == 1 and "that partial run had other" in done.stderr, done.stderr
     assert not out.exists() and len(partials(out)) == 1  # kept: the user may still resume it as it was
+
+
+def test_resume_rewrites_a_recorded_shard_that_was_damaged(pair, reference, tmp_path, monkeypatch, caplog):
+    """Sizes and checksums are verified on resume: a shard altered after it was recorded is redone."""
+    from stream_readapt.writer import CheckpointWriter
+
+    begin = CheckpointWriter.begin
+
+    def stop_at_fifth_tensor_group(self, name, dtype, shape):
+        if self._shard_index == 3 and name not in self.groups[3]:
+            for done in self._syncs:
+                done.result()  # shards 1-3 recorded (the 4th is still open)
+            raise KeyboardInterrupt
+        begin(self, name, dtype, shape)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(CheckpointWriter, "begin", stop_at_fifth_tensor_group)
+        with pytest.raises(KeyboardInterrupt):
+            merge(pair.base, out, instruct=pair.instruct, device="cpu")
+    [kept] = partials(out)
+    assert finished_shards(out) == 3
+    with open(kept / "model-00002-of-00010.safetensors", "r+b") as fh:  # bit rot, same size
+        fh.seek(-10, os.SEEK_END)
+        fh.write(b"\x00" * 10)
+    merge(pair.base, out, instruct=pair.instruct, device="cpu", resume=True)
+    assert "model-00002-of-00010.safetensors does not match its recorded size/checksum" in caplog.text
+    assert output_bytes(out) == reference["merge"]
+    assert_clean(out)
