@@ -143,9 +143,9 @@ def _run(args) -> dict | str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signals.install()
     try:
-        return _main(argv)
+        with signals.installed():
+            return _main(argv)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: at start-up too
         what, code = signals.describe(e)
         kept = getattr(e, "kept_partial", None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -92,7 +93,7 @@ def _is_locked(owner_file: Path) -> bool:
 def find_partials(output: Path) -> list[Partial]:
     """Partial folders of `output` (its hidden `.NAME.partial-*` siblings), oldest first."""
     found = []
-    for path in sorted(output.parent.glob(f".{output.name}.partial-*")):
+    for path in sorted(output.parent.glob(f".{glob.escape(output.name)}.partial-*")):
         if path.is_dir() and not path.is_symlink():
             owner = _read_owner(path / OWNER_FILE)
             found.append(Partial(path, owner, owner is not None and _is_locked(path / OWNER_FILE)))
@@ -222,7 +223,7 @@ class OutputFolder:
         except BaseException:
             self._release(remove=True)
             raise
-        self.input_states = {str(f.path): list(f.state) for f in opened_since(self.mark)}
+        self.input_states = {str(f.path.resolve()): list(f.state) for f in opened_since(self.mark)}
         _ACTIVE[self.tmp] = self
         return self.tmp
 

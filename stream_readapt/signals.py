@@ -9,7 +9,9 @@ shards). Once one has arrived, further ones are ignored so the clean-up itself f
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -32,10 +34,19 @@ def _raise(signum, frame) -> None:
     raise Terminated(signum)
 
 
-def install() -> None:
-    """Route the stop signals to `Terminated` (main thread only, as Python requires)."""
-    for sig in HANDLED:
-        signal.signal(sig, _raise)
+@contextlib.contextmanager
+def installed():
+    """Route the stop signals to `Terminated` while inside; the previous handlers after (so a
+    caller such as a test runner gets its own back). Only the main thread may set them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise) for sig in HANDLED}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def describe(exc: BaseException) -> tuple[str, int]:
