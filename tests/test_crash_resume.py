@@ -83,13 +83,14 @@ def test_kill9_at_random_points_then_resume_gives_same_bytes(pair, reference, tm
     for attempt in range(3):
         proc = start_and_signal(command(kind, pair, out, "--resume"), out, signal.SIGKILL,
                                 after_shards=rng.randint(1, 3) if attempt == 0 else 1, delay=rng.uniform(0, 0.3))
-        if proc.returncode == 0:
+        assert proc.returncode in (0, -signal.SIGKILL), (SEED, proc.stderr)
+        if out.exists():  # finished (maybe killed while exiting): then it must be whole
             break
-        assert proc.returncode == -signal.SIGKILL, (SEED, proc.stderr)
-        assert not out.exists(), f"seed {SEED}: a killed run left {out}"
-        assert len(partials(out)) == 1, (SEED, partials(out))
-    done = subprocess.run(command(kind, pair, out, "--resume"), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (SEED, done.stderr)
+        # A kill while a resumed run adopts the previous partial may leave both; the next resume sorts it out.
+        assert partials(out), f"seed {SEED}: a killed run left no partial to resume"
+    else:
+        done = subprocess.run(command(kind, pair, out, "--resume"), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (SEED, done.stderr)
     assert output_bytes(out) == reference[kind], f"seed {SEED}: resumed output differs from an uninterrupted run"
     assert_clean(out)
 
@@ -143,7 +144,8 @@ def test_two_runs_into_one_output(pair, reference, tmp_path):
     codes = sorted(code for code, _ in results)
     assert codes[0] == 0 and codes[1] != 0, results
     failed = next(err for code, err in results if code != 0)
-    assert len(failed.splitlines()) == 1 and ("another run" in failed or "someone else" in failed), failed
+    # Refused as a live run's output, as a folder that appeared meanwhile, or (the other one done first) as not empty.
+    assert len(failed.splitlines()) == 1 and any(w in failed for w in ("another run", "someone else", "not empty")), failed
     assert output_bytes(out) == reference["merge"]
     assert_clean(out)
 
