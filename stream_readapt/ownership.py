@@ -61,7 +61,10 @@ class Partial:
     live: bool
 
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and not p.is_symlink())
+        try:
+            return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and not p.is_symlink())
+        except OSError:  # being removed meanwhile
+            return 0
 
 
 def active_output(folder: str | os.PathLike) -> "OutputFolder | None":
@@ -214,6 +217,8 @@ class OutputFolder:
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.started = _identity(self.path)
+        if self.started is not None and not self.overwrite and not self.started[3]:  # filled since __init__
+            raise FileExistsError(f"{self.path}: output folder is not empty (pass --overwrite to replace it)")
         self.owner = Owner(socket.gethostname(), os.getpid(), secrets.token_hex(4), time.time_ns())
         self.tmp = self.path.parent / f".{self.path.name}.partial-{self.owner.host}-{self.owner.pid}-{self.owner.token}"
         os.mkdir(self.tmp)  # fails if the name exists: never someone else's folder

@@ -45,6 +45,17 @@ def test_folder_appearing_during_the_run_is_never_replaced(tmp_path):
     assert (out / "theirs.txt").read_text() == "precious" and sorted(os.listdir(out)) == ["theirs.txt"]
 
 
+def test_folder_filled_between_the_checks_and_the_start_is_kept(tmp_path):
+    out = tmp_path / "out"
+    owned = OutputFolder(out)  # checked here; inputs are opened and planned before entering
+    out.mkdir()
+    (out / "theirs.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty"):
+        with owned:
+            pass
+    assert sorted(os.listdir(out)) == ["theirs.txt"] and not partials(out)
+
+
 def test_overwrite_refuses_a_folder_swapped_in_during_the_run(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
