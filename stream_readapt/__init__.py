@@ -3,18 +3,33 @@
     from stream_readapt import extract, merge, patch_model, set_scales
 """
 
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from .extract import extract  # noqa: E402
-from .merge import merge  # noqa: E402
+_LAZY = {"extract": "extract", "merge": "merge", "patch_model": "patch", "set_scales": "patch"}
+
+
+class _Package(types.ModuleType):
+    """`stream_readapt.merge` / `.extract` stay the functions once their modules are imported
+    (the import system would set the attribute to the submodule)."""
+
+    def __setattr__(self, name, value):
+        if _LAZY.get(name) == name and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name):
-    # The patcher pulls in the kernels; import it only when asked for.
-    if name in ("patch_model", "set_scales"):
-        from . import patch
-
-        return getattr(patch, name)
+    # Imported when first asked for: the CLI installs its signal handlers before torch loads
+    # (a Ctrl-C during that import printed a traceback), and the patcher pulls in the kernels.
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'stream_readapt' has no attribute {name!r}")
 
 

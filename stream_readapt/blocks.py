@@ -19,6 +19,7 @@ import torch
 
 from .plan import TensorPlan
 from .streaming import check_finite, row_blocks
+from .ownership import check_free_space
 from .writer import BackgroundWriter, CheckpointWriter
 
 RAW_BUFFERS = 3  # per slot: one being converted, one read ahead, one spare
@@ -121,13 +122,19 @@ def block_jobs(order: list[TensorPlan], block_bytes: int) -> list[Job]:
 
 
 def stream_pass(writer: CheckpointWriter, order: list[TensorPlan], *, dtype_of, blocks: BlockBuffers,
-                reads_of, compute, block_bytes: int, bar) -> None:
+                reads_of, compute, block_bytes: int, bar, state: dict | None = None) -> None:
     """The loop every streaming pass shares: read ahead, compute, check, write behind.
 
     `reads_of(job)` lists the (ckpt, name, start, stop, slot) reads `compute(job)` will
     make through `blocks`, so they can start while the previous block is computed;
-    `compute(job)` returns the block as float32 (or float64) on the device.
+    `compute(job)` returns the block as float32 (or float64) on the device. `state` (tensor
+    name -> JSON values the caller fills while computing) is saved with each finished shard,
+    and restored for the shards a resumed run skips.
     """
+    if state is not None:
+        writer.track_state(state)
+    order = [p for p in order if p.name not in writer.done]  # finished by the run this one resumes
+    check_free_space(writer.folder, sum(math.prod(p.shape) * dtype_of(p).itemsize for p in order))
     jobs = block_jobs(order, block_bytes)
     out = BackgroundWriter(writer)
     threads = torch.get_num_threads()

@@ -9,6 +9,7 @@ Only safetensors are read: pickled `.bin` checkpoints are refused.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 from pathlib import Path
@@ -16,8 +17,10 @@ from pathlib import Path
 import torch
 
 from .hub import resolve_model_dir
-from .jsonfile import load_json_object
+from .jsonfile import load_json_object, optional_json_object
 from .safetensors_reader import CheckpointError, SafetensorsFile, TensorInfo
+
+logger = logging.getLogger(__name__)
 
 SINGLE_FILES = ("model.safetensors", "adapter_model.safetensors", "readapter.safetensors")
 INDEX_FILES = ("model.safetensors.index.json", "readapter.safetensors.index.json")
@@ -64,13 +67,17 @@ class Checkpoint:
     def from_folder(cls, folder: str | os.PathLike) -> "Checkpoint":
         folder = Path(folder)
         index = next((folder / n for n in INDEX_FILES if (folder / n).is_file()), None)
+        single = next((folder / n for n in SINGLE_FILES if (folder / n).is_file()), None)
+        if single is not None:
+            # transformers loads model.safetensors when it exists, whatever index lies beside it.
+            if index is not None:
+                logger.warning("%s: both %s and %s present; reading %s, as transformers does",
+                               folder, single.name, index.name, single.name)
+            f = SafetensorsFile(single)
+            return cls(folder, {single.name: f}, {name: single.name for name in f.tensors})
         if index is not None:
             return cls._from_index(folder, index)
-        single = next((folder / n for n in SINGLE_FILES if (folder / n).is_file()), None)
-        if single is None:
-            return cls._from_loose_files(folder)
-        f = SafetensorsFile(single)
-        return cls(folder, {single.name: f}, {name: single.name for name in f.tensors})
+        return cls._from_loose_files(folder)
 
     @classmethod
     def _from_index(cls, folder: Path, index: Path) -> "Checkpoint":
@@ -132,8 +139,7 @@ class Checkpoint:
 
     @property
     def config(self) -> dict:
-        path = self.folder / "config.json"
-        return load_json_object(path) if path.is_file() else {}
+        return optional_json_object(self.folder / "config.json")
 
     @property
     def total_bytes(self) -> int:

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from . import __version__
+from . import __version__, signals
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -54,6 +54,8 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], help="output dtype")
     p.add_argument("--max-shard-size", type=parse_size, help="e.g. 5GB (default: the base model's shard layout)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed or stopped run into this -o from its finished (verified) shards")
 
 
 def _extract_parser(sub) -> None:
@@ -120,7 +122,7 @@ def _run(args) -> dict | str:
             args.base, args.instruct, args.output, energy=args.energy, rank=args.rank, max_error=args.max_error,
             dtype=args.dtype, device=args.device, include=args.include, exclude=args.exclude,
             max_shard_size=args.max_shard_size, revision=args.revision, overwrite=args.overwrite,
-            quiet=args.quiet, **(lore if low_rank else {}),
+            quiet=args.quiet, resume=args.resume, **(lore if low_rank else {}),
         )
     if args.command == "merge":
         from .merge import merge
@@ -129,7 +131,7 @@ def _run(args) -> dict | str:
             args.base, args.output, instruct=args.instruct, readapter=args.readapter, knowledge=args.knowledge,
             alpha=args.alpha, beta=args.beta, dtype=args.dtype, device=args.device,
             max_shard_size=args.max_shard_size, revision=args.revision, overwrite=args.overwrite,
-            ignore_base_mismatch=args.ignore_base_mismatch, quiet=args.quiet,
+            ignore_base_mismatch=args.ignore_base_mismatch, quiet=args.quiet, resume=args.resume,
         )
     if args.command == "inspect":
         from .describe import inspect_paths
@@ -142,16 +144,25 @@ def _run(args) -> dict | str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        with signals.installed():
+            return _main(argv)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: at start-up too
+        what, code = signals.describe(e)
+        kept = getattr(e, "kept_partial", None)
+        tail = f"; finished shards kept in {kept}: rerun with --resume to continue" if kept else ""
+        print(f"stream-readapt: {what}: no output written{tail}", file=sys.stderr)
+        return code
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage error (one line, status 2), --help or --version (0)
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         result = _run(args)
-    except KeyboardInterrupt:
-        print("stream-readapt: interrupted (no output written)", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError, KeyError) as e:
+    except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError, KeyError, MemoryError) as e:
         message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         if isinstance(e, OSError) and e.errno is not None and e.filename is None and getattr(args, "output", None):
             message += f" (writing {args.output})"  # e.g. a full disk: say where

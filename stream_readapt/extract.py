@@ -40,6 +40,7 @@ def extract(
     overwrite: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     quiet: bool = True,
+    resume: bool = False,
     **lore_options,
 ) -> dict:
     """Write the RE-Adapter Δ = Θ − Φ of `instruct` over `base` to `output`; returns its manifest.
@@ -54,6 +55,8 @@ def extract(
             does for bf16/fp16 inputs wherever the two exponents are close, and the manifest
             counts the elements where it does not (`inexact_elements`, per tensor `inexact`).
         include, exclude: regexes over tensor names selecting which tensors get a Δ.
+        resume: continue a killed run into `output` from its finished, verified shards
+            (full RE-Adapters; a LoRE-Adapter is one file and starts afresh).
 
     Example:
         >>> manifest = extract("base", "instruct", "readapter")
@@ -69,7 +72,7 @@ def extract(
         )
     if lore_options:
         raise TypeError(f"options {sorted(lore_options)} need energy=, rank= or max_error=")
-    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct))
+    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct), resume=resume)
     run = RunOptions.resolve(device=device, dtype=dtype, max_shard_size=max_shard_size, block_bytes=block_bytes, quiet=quiet)
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
         pairs = plan_pairs(phi, theta)
@@ -98,8 +101,9 @@ def _write_deltas(tmp, pairs, phi, theta, run: RunOptions, manifest) -> dict:
     groups = shards_by_size(plan, run.max_shard_size) if run.max_shard_size else shards_like(plan, phi.weight_map)
     by_name = {p.name: p for p in pairs}
     order = [by_name[n] for g in groups for n in g]
-    squares = {p.name: [0.0, 0.0] for p in order}  # Σ Δ², Σ Φ² over the base rows
-    inexact = {p.name: 0 for p in order}  # elements whose stored Δ is not exactly Θ − Φ
+    # Σ Δ², Σ Φ² over the base rows, and the elements whose stored Δ is not exactly Θ − Φ
+    # (JSON values: the journal saves them with each shard for --resume)
+    squares = {p.name: [0.0, 0.0, 0] for p in order}
 
     def reads_of(job: Job) -> list:
         own = [(theta, job.pair.name, job.start, job.stop, "theta")]
@@ -113,7 +117,7 @@ def _write_deltas(tmp, pairs, phi, theta, run: RunOptions, manifest) -> dict:
         if dtype_of(job.pair) == torch.float64:  # exact differences for float32 inputs
             d, b = d.double(), b.double()
         delta = d - b
-        inexact[job.pair.name] += inexact_elements(d, b, delta, dtype_of(job.pair))
+        squares[job.pair.name][2] += inexact_elements(d, b, delta, dtype_of(job.pair))
         squares[job.pair.name][0] += _square_sum(delta)
         squares[job.pair.name][1] += _square_sum(b)
         return delta
@@ -121,8 +125,8 @@ def _write_deltas(tmp, pairs, phi, theta, run: RunOptions, manifest) -> dict:
     writer = CheckpointWriter(tmp, groups, prefix="readapter", metadata=safetensors_metadata(manifest))
     with progress(sum(t.nbytes for t in plan), "extract", run.quiet) as bar, BlockBuffers(run.device) as blocks:
         stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=reads_of, compute=compute,
-                    block_bytes=run.block_bytes, bar=bar)
-    return as_json({name: _norms(*sq, inexact[name]) for name, sq in squares.items()})
+                    block_bytes=run.block_bytes, bar=bar, state=squares)
+    return as_json({name: _norms(*sq) for name, sq in squares.items()})
 
 
 def inexact_elements(theta: torch.Tensor, phi: torch.Tensor, delta: torch.Tensor, stored: torch.dtype) -> int:

@@ -1,21 +1,55 @@
-"""JSON files that must hold an object (configs, indexes, manifests), read with one-line errors."""
+"""JSON files that must hold an object (configs, indexes, manifests), read with one-line errors.
+
+Sizes are capped before parsing: a config or index is kilobytes (a 70B index ~100 KB), so a
+gigabyte of junk named config.json is refused without being read (parsing it whole once cost
+2.2 GB of RSS).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .safetensors_reader import CheckpointError
 
+MAX_JSON_BYTES = 64 * 2**20
 
-def load_json_object(path: str | Path) -> dict:
-    """The JSON object in `path`; CheckpointError naming the file when it is not valid JSON or
-    not an object (a list or a number parses, and then fails far from here)."""
+
+def _checked_size(path: Path, limit: int) -> None:
     try:
-        with open(path, encoding="utf-8") as fh:
-            value = json.load(fh)
+        size = os.stat(path).st_size
+    except OSError as e:
+        if path.is_symlink():  # ELOOP or a dangling link: not "absent", a broken file
+            raise CheckpointError(f"{path}: broken symlink ({e.strerror}); fix or remove the link") from None
+        raise
+    if size > limit:
+        raise CheckpointError(f"{path}: {size} bytes, more than the {limit}-byte limit for a JSON file "
+                              "(not a config/index? check the file)")
+
+
+def load_json_object(path: str | Path, *, limit: int | None = None) -> dict:
+    """The JSON object in `path`; CheckpointError naming the file when it is too large, not valid
+    JSON or not an object (a list or a number parses, and then fails far from here)."""
+    path, limit = Path(path), limit or MAX_JSON_BYTES
+    _checked_size(path, limit)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(limit + 1)  # the file may have grown since the stat
+        if len(raw) > limit:
+            raise CheckpointError(f"{path}: more than the {limit}-byte limit for a JSON file")
+        value = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
+
+
+def optional_json_object(path: str | Path, *, limit: int | None = None) -> dict:
+    """`load_json_object`, or {} when there is no such file; a symlink loop or dangling link is
+    an error, not an absent file (`Path.is_file()` says False for both)."""
+    path = Path(path)
+    if not path.is_file() and not path.is_symlink():
+        return {}
+    return load_json_object(path, limit=limit)

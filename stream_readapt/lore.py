@@ -27,6 +27,7 @@ from .lowrank import LowRankFactors, randomized_svd
 from .manifest import ModuleStats, as_json, copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
 from .plan import Role, RoleTable, TensorPlan, plan_pairs, roles_of, select, ties_embeddings
 from .options import RunOptions
+from .ownership import raise_allocation_error
 from .streaming import check_finite, progress, row_blocks, DEFAULT_BLOCK_BYTES
 from .writer import OutputFolder, SafetensorsShardWriter
 
@@ -194,9 +195,12 @@ def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes
 
 
 def _write_lowrank(writer, t: Target, phi, theta, dtype, run: RunOptions, svd_options: dict) -> dict:
-    delta, base_norm = delta_matrix(t, phi, theta, run.device, run.block_bytes)
-    # A Conv1D weight is stored [in, out]; PEFT's factors are for its [out, in] transpose.
-    f = randomized_svd(delta.T if t.transposed else delta, **svd_options)
+    try:
+        delta, base_norm = delta_matrix(t, phi, theta, run.device, run.block_bytes)
+        # A Conv1D weight is stored [in, out]; PEFT's factors are for its [out, in] transpose.
+        f = randomized_svd(delta.T if t.transposed else delta, **svd_options)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        raise_allocation_error(e, t.pair.name, t.pair.shape, run.device)
     del delta
     root = f.S.sqrt()
     B, A = f.U * root, root[:, None] * f.Vh  # Δ ≈ B·A, split evenly so neither factor is tiny

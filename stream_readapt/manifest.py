@@ -155,6 +155,8 @@ def copy_side_files(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> list
     """Copy config / generation config / tokenizer files that exist in `src`."""
     copied = []
     for name in SIDE_FILES:
+        if (Path(src) / name).is_symlink() and not (Path(src) / name).exists():  # a loop or a dangling link
+            raise FileNotFoundError(f"{Path(src) / name}: broken symlink (a loop, or its target is gone); fix or remove it")
         if name not in skip and (Path(src) / name).is_file():
             shutil.copyfile(Path(src) / name, Path(dst) / name)
             copied.append(name)

@@ -56,6 +56,7 @@ def merge(
     ignore_base_mismatch: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     quiet: bool = True,
+    resume: bool = False,
 ) -> dict:
     """Write the readapted model Ω = Φ + α·Ψ + β·Δ to `output`; returns its manifest.
 
@@ -67,6 +68,7 @@ def merge(
         knowledge: optional PEFT LoRA/rsLoRA/DoRA adapter folder trained on the base (Ψ).
         alpha, beta: weights of Ψ and Δ (the paper's defaults: 0.5, 0.5).
         dtype: output dtype (default: the base's).
+        resume: continue a killed run into `output` from its finished, verified shards.
 
     Example:
         >>> merge("base", "out", instruct="instruct", knowledge="lora", alpha=0.5, beta=0.5)
@@ -74,7 +76,7 @@ def merge(
     if (instruct is None) == (readapter is None):
         raise ValueError("give exactly one of instruct= or readapter= (where Δ comes from)")
     check_scales(alpha=alpha, beta=beta)
-    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct, readapter, knowledge))
+    out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct, readapter, knowledge), resume=resume)
     run = RunOptions.resolve(device=device, dtype=dtype, max_shard_size=max_shard_size, block_bytes=block_bytes, quiet=quiet)
     with Checkpoint.open(base, revision=revision) as phi:
         delta = InstructDelta(Checkpoint.open(instruct, revision=revision)) if instruct else open_readapter(readapter)
@@ -139,14 +141,15 @@ class MergePass:
                   else shards_like(plan, self.phi.weight_map))
         by_name = {p.name: p for p in pairs}
         order = [by_name[n] for g in groups for n in g]
-        self.record = {p.name: MergeStats(self.scales.beta != 0 and self.delta.has(p.name), False, p.added_rows)
+        # JSON values, since the journal saves them with each shard for --resume
+        self.record = {p.name: as_json(MergeStats(self.scales.beta != 0 and self.delta.has(p.name), False, p.added_rows))
                        for p in order}
         writer = CheckpointWriter(tmp, groups, metadata=safetensors_metadata(manifest))
         with progress(sum(t.nbytes for t in plan), "merge", self.run.quiet) as bar, BlockBuffers(self.run.device) as blocks:
             self.delta.blocks = blocks
             stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=self.reads_of, compute=self.compute,
-                        block_bytes=self.run.block_bytes, bar=bar)
-        return as_json(self.record)
+                        block_bytes=self.run.block_bytes, bar=bar, state=self.record)
+        return self.record
 
     def reads_of(self, job: Job) -> list:
         added = job.start >= job.pair.base_rows
@@ -170,7 +173,7 @@ class MergePass:
             out.add_(knowledge, alpha=alpha)
         elif with_psi:
             psi.add_rows_(out, pair.name, start, stop, alpha)  # plain LoRA: one fused addmm
-        self.record[pair.name].knowledge |= with_psi
+        self.record[pair.name]["knowledge"] |= with_psi
         return out
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter_checks import refuse_unsupported, warn_on_contradictions
 from .checkpoint import Checkpoint
 from .jsonfile import load_json_object
 from .plan import check_float
@@ -97,6 +98,7 @@ class PeftAdapter:
         self._check_config_types(path, config)
         if config.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{path}: peft_type {config['peft_type']!r} is not supported (only LORA/DoRA)")
+        refuse_unsupported(path, config)
         return config
 
     @staticmethod
@@ -208,6 +210,7 @@ class PeftAdapter:
         `transposed(key)` says which base weights are stored [in, out] (Conv1D), `saved_key` names
         a saved full tensor's output key (default: `resolve`)."""
         resolve = resolve or (lambda n: n if n in base else None)
+        warn_on_contradictions(self.source, self.config, base.source, base.config)
         transposed = transposed or (lambda key: False)
         by_base = {}
         for mod in self.modules.values():

@@ -10,9 +10,11 @@ bounded by the row block, not by the tensor or the shard.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,27 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, f
         raise CheckpointError(f"{path}: {file_size - end} bytes after the last tensor (corrupt or not safetensors)")
 
 
+# Every file opened in this process, by opening order: a run checks, before publishing its
+# output, that the inputs it opened were not rewritten meanwhile (see `opened_since`).
+_OPEN_SEQ = itertools.count(1)
+_OPENED: "weakref.WeakValueDictionary[int, SafetensorsFile]" = weakref.WeakValueDictionary()
+
+
+def open_sequence() -> int:
+    """A mark: files opened after it are listed by `opened_since(mark)`."""
+    return next(_OPEN_SEQ)
+
+
+def opened_since(mark: int) -> list["SafetensorsFile"]:
+    return [f for seq, f in sorted(_OPENED.items()) if seq > mark]
+
+
+def file_state(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten: device, inode, size, modification time."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class SafetensorsFile:
     """One validated safetensors file, read by rows.
 
@@ -144,7 +167,8 @@ class SafetensorsFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such safetensors file")
-        size = self.path.stat().st_size
+        self.state = file_state(self.path)
+        size = self.state[2]
         with open(self.path, "rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:
@@ -156,6 +180,17 @@ class SafetensorsFile:
         self.header_bytes = raw
         self.metadata, self.tensors = _parse_header(self.path, size, raw)
         self._fd: int | None = None
+        _OPENED[next(_OPEN_SEQ)] = self
+
+    def check_unchanged(self) -> None:
+        """CheckpointError when the file was replaced or rewritten since it was opened."""
+        try:
+            now = file_state(self.path)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: input removed during the run ({e.strerror})") from None
+        if now != self.state:
+            raise CheckpointError(f"{self.path}: input changed during the run (rewritten or replaced), so the "
+                                  "output could mix old and new bytes; nothing was written: rerun once it is stable")
 
     def _descriptor(self) -> int:
         if self._fd is None:

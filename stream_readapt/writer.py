@@ -6,14 +6,15 @@ the header (sized from the tensor names it will hold), appends each tensor's row
 as they come, then writes the real header padded with spaces (allowed by the
 format) into the reserved room. `CheckpointWriter` spreads a planned list of
 tensors over shards named the Hugging Face way and writes the index.
-Callers write into an `OutputFolder`, which renames into place only on success.
+Callers write into an `OutputFolder` (ownership.py), which renames into place only on
+success; inside one, each finished shard is recorded in its journal (resume.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +23,11 @@ from typing import Iterable
 
 import torch
 
+from . import resume
+from .ownership import JOURNAL_FILE, OutputFolder, active_output, remove_tree
 from .safetensors_reader import DTYPE_NAMES
+
+logger = logging.getLogger(__name__)
 
 # Worst case of one header entry beyond its name: dtype, 4 dims and 2 offsets of 20 digits.
 _ENTRY_SLACK = len('"":{"dtype":"F8_E4M3","shape":[],"data_offsets":[,]},') + 4 * 21 + 2 * 20
@@ -53,6 +58,7 @@ class SafetensorsShardWriter:
         self._entries: dict[str, dict] = {}
         self._offset = 0
         self._current: tuple[str, int] | None = None  # (name, bytes still expected)
+        self._hash = resume.new_hash()  # of the data, as written: the journal's checksum
 
     def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         assert self._current is None, "previous tensor not ended"
@@ -76,6 +82,7 @@ class SafetensorsShardWriter:
         if len(data) > left:
             raise ValueError(f"{name}: more bytes written than its shape holds")
         self._fh.write(data)
+        self._hash.update(data)
         self._offset += len(data)
         self._current = (name, left - len(data))
 
@@ -102,9 +109,14 @@ class SafetensorsShardWriter:
         if len(raw) > self._reserved:
             raise ValueError(f"{self.path}: header larger than reserved ({len(raw)} > {self._reserved})")
         raw += b" " * (self._reserved - len(raw))
+        head = struct.pack("<Q", len(raw)) + raw
         self._fh.seek(0)
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._fh.write(head)
         self._fh.flush()
+        header_hash = resume.new_hash()
+        header_hash.update(head)
+        self.record = resume.ShardRecord(self.path.name, len(head) + self._offset, len(head),
+                                         resume.digest_text(header_hash), resume.digest_text(self._hash))
         if sync:
             os.fsync(self._fh.fileno())
         self._fh.close()
@@ -194,6 +206,37 @@ class CheckpointWriter:
         self._shard_index = -1
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
         self._syncs: list[Future] = []
+        self.state: dict = {}  # per-tensor caller state saved with each shard (see track_state)
+        self.journal = self._open_journal()
+        self.done = {n for g, f in zip(groups, self.files) if f in self.journal.shards for n in g} if self.journal else set()
+        self._skip_done()
+
+    def _open_journal(self) -> "resume.Journal | None":
+        """Inside an OutputFolder: a journal of finished shards, continued from a dead run's with --resume."""
+        owner = active_output(self.folder)
+        if owner is None:
+            return None
+        key = {"metadata": self.metadata, "files": self.files, "groups": self.groups, "inputs": owner.input_states}
+        if owner.adopted is None:
+            return resume.Journal(key)
+        journal = resume.adopt(self.folder, key, owner.adopted, JOURNAL_FILE)
+        remove_tree(owner.adopted)  # what was good in it is ours now
+        owner.adopted = None
+        return journal
+
+    def _skip_done(self) -> None:
+        for gi, f in enumerate(self.files):
+            if self.journal is not None and f in self.journal.shards:
+                rec = self.journal.shards[f]
+                self.weight_map.update({n: f for n in self.groups[gi]})
+                self.total_size += rec.size - rec.data_start
+                self.state.update(rec.state)
+        self._order = [(n, gi) for n, gi in self._order if n not in self.done]
+
+    def track_state(self, state: dict) -> None:
+        """Save `state[name]` (JSON values) with each finished shard; restore it for skipped ones."""
+        state.update(self.state)
+        self.state = state
 
     def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         expected, group = self._order[self._next]
@@ -221,12 +264,22 @@ class CheckpointWriter:
     def _close_shard(self) -> None:
         if self._shard is not None:
             self.total_size += self._shard.finalize(sync=False)
-            self._syncs.append(self._syncer.submit(fsync_file, self._shard.path))
+            record = self._shard.record
+            names = self.groups[self._shard_index]
+            record.state = json.loads(json.dumps({n: self.state[n] for n in names if n in self.state}))
+            self._syncs.append(self._syncer.submit(self._sync_and_record, self._shard.path, record))
             self._shard = None
+
+    def _sync_and_record(self, path: Path, record: "resume.ShardRecord") -> None:
+        fsync_file(path)
+        if self.journal is not None:  # only once its bytes are on disk
+            self.journal.shards[record.file] = record
+            self.journal.write(self.folder / JOURNAL_FILE)
 
     def finalize(self) -> dict[str, str]:
         assert self._next == len(self._order), "not every planned tensor was written"
         self._close_shard()
+        self.weight_map = {n: self.weight_map[n] for g in self.groups for n in g}  # plan order, resumed or not
         for done in self._syncs:
             done.result()  # re-raises a failed fsync (e.g. a full disk)
         self._syncer.shutdown()
@@ -240,54 +293,6 @@ class CheckpointWriter:
         if self._shard is not None:
             self._shard.close()
         self._syncer.shutdown(wait=True, cancel_futures=True)
-
-
-class OutputFolder:
-    """Build an output in a hidden sibling folder; rename it into place only when complete.
-
-    A failure (bad input, NaN, full disk, Ctrl-C) removes the partial folder, so
-    nothing that looks finished is ever left where the output belongs.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, inputs=()):
-        self.path = Path(path)
-        _refuse_input_in_the_way(self.path, inputs)
-        if self.path.exists() and not self.path.is_dir():
-            raise FileExistsError(f"{self.path}: exists and is not a folder")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.path}: output folder is not empty (pass --overwrite to replace it)")
-        self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
-        if self.path.exists() or self.path.is_symlink():
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        if old.is_symlink():  # -o named a link: the link goes, never what it pointed to
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _refuse_input_in_the_way(output: Path, inputs) -> None:
-    """An output that is, or holds, one of the inputs would replace it (--overwrite deletes
-    the old folder): refuse, whatever the flags."""
-    out = output.resolve()
-    for given in inputs:
-        if given is None or not Path(given).exists():
-            continue  # a Hub id: it lives in the cache
-        src = Path(given).resolve()
-        if src == out or out in src.parents:
-            raise FileExistsError(f"{output}: the output folder would replace the input {given}; choose another -o")
 
 
 class BackgroundWriter:
