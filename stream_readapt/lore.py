@@ -57,7 +57,9 @@ def classify(pairs: list[TensorPair], chosen: set[str], embeddings: str) -> list
         is_vocab = p.name in EMBED_NAMES or p.name == LM_HEAD
         if p.name.endswith(".bias"):
             role = "bias"
-        elif len(p.shape) != 2 or p.added_rows or (is_vocab and embeddings != "lora"):
+        elif len(p.shape) != 2 or not p.name.endswith(".weight") or p.added_rows or (is_vocab and embeddings != "lora"):
+            # Only a module's `weight` can be a LoRA target: a 2-D parameter such as gpt-oss's
+            # `experts.gate_up_proj_bias` would put a second lora_A/B under the same module.
             role = "full"
         elif p.name in EMBED_NAMES:
             role = "embedding"
