@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
+from .experts import ExpertLoras, take_param_loras
 from .jsonfile import load_json_object
+from .naming import NameMap
 from .plan import check_float
 from .safetensors_reader import CheckpointError
 from .streaming import is_finite_number
@@ -78,6 +80,8 @@ class PeftAdapter:
         self.replacements: dict[str, str] = {}  # base tensor name -> adapter tensor name
         for key in self.ckpt.names:
             self._classify(key)
+        self.param_loras = take_param_loras(self.config, self.modules)  # target_parameters (experts)
+        self.experts: ExpertLoras | None = None  # bound to a base by check_base
         for mod in self.modules.values():
             self._finish(mod)
         self._cache: tuple[str, dict] | None = None
@@ -198,6 +202,8 @@ class PeftAdapter:
     def check_base(self, base: Checkpoint, resolve=None) -> None:
         """Every target exists in `base` with matching shapes; else the adapter is for another base."""
         resolve = resolve or (lambda n: n if n in base else None)
+        if self.param_loras:
+            self.experts = ExpertLoras(self.param_loras, NameMap.from_checkpoint(base), self)
         for mod in self.modules.values():
             self._check_module(base, resolve, mod)
         for name, key in self.replacements.items():
@@ -274,7 +280,8 @@ class PeftAdapter:
         return lora if psi is None else psi.add_(lora)
 
     def has(self, name: str) -> bool:
-        return name in self.replacements or self._module_of(name) is not None
+        experts = self.experts is not None and self.experts.has(name)
+        return experts or name in self.replacements or self._module_of(name) is not None
 
     def needs_base_rows(self, name: str) -> bool:
         """Whether Ψ of `name` depends on Φ (DoRA, saved full weights): then use `delta_rows`."""
@@ -284,6 +291,9 @@ class PeftAdapter:
 
     def add_rows_(self, out: torch.Tensor, name: str, start: int, stop: int, weight: float) -> None:
         """out += weight·Ψ[start:stop] for a plain LoRA term, as one fused addmm (no Ψ block)."""
+        if self.experts is not None and self.experts.has(name):
+            out.add_(self.experts.rows(name, start, stop, out.device), alpha=weight)
+            return
         mod = self._module_of(name)
         if mod is None:
             return
@@ -301,6 +311,8 @@ class PeftAdapter:
         return self.modules.get(name.rsplit(".", 1)[0])
 
     def _lora_rows(self, name: str, phi: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        if self.experts is not None and self.experts.has(name):
+            return self.experts.rows(name, start, stop, phi.device)
         mod = self._module_of(name)
         if mod is None:
             return None
