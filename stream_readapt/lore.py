@@ -25,6 +25,8 @@ import torch
 from .checkpoint import Checkpoint
 from .lowrank import LowRankFactors, randomized_svd
 from .manifest import copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
+from .moe_extract import add_target_parameters, options_from, param_keys, split_param_targets, write_param_targets
+from .naming import NameMap
 from .plan import EMBED_NAMES, LM_HEAD, TensorPair, plan_pairs, select, ties_embeddings
 from .streaming import check_finite, progress, resolve_device, resolve_dtype, row_blocks, DEFAULT_BLOCK_BYTES
 from .writer import OutputFolder, SafetensorsShardWriter
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 SERVING_RANK_LIMITS = (64, 128, 256)  # common max_lora_rank settings (vLLM accepts at most 256 by default builds)
+EXPERT_CHUNK = 8  # experts decomposed together: memory is this many experts' Δ, never the layer
 SPECTRUM_POINTS = 256  # explained-variance points kept per module in the manifest (for plots)
 
 
@@ -43,6 +46,7 @@ class Target:
     pair: TensorPair
     role: str  # "lora", "embedding" (lora_embedding_A/B), "full" (modules_to_save), "bias"
     source: str | None = None  # instruct tensor to read, when not pair.name (a tied lm_head)
+    key: str | None = None  # adapter key, when not derived from the name (under a ParamWrapper)
 
     @property
     def module(self) -> str:
@@ -94,6 +98,8 @@ def adapter_keys(targets: list[Target]) -> list[str]:
 
 
 def _full_key(t: Target, lora_modules: set[str]) -> str:
+    if t.key is not None:
+        return t.key
     # A LoRA-wrapped module keeps its original parameters under `base_layer`.
     if t.module in lora_modules:
         return f"{PREFIX}{t.module}.base_layer.{t.pair.name.rsplit('.', 1)[1]}"
@@ -124,6 +130,9 @@ def extract_lore(
         targets = classify(pairs, select([p.name for p in pairs], include, exclude), embeddings)
         copies = tied_head_copy(targets, theta)
         targets += copies
+        # Experts and non-Linear weights (routers) go in by PEFT target_parameters (moe_extract.py)
+        plan = split_param_targets(targets, NameMap.from_checkpoint(phi))
+        targets, ptargets = plan.targets, plan.params
         manifest = new_manifest(
             "lore-adapter",
             inputs={"base": input_record(phi), "instruct": input_record(theta)},
@@ -133,15 +142,20 @@ def extract_lore(
             instruct_config=theta.config,
         )
         with out_folder as tmp:
-            writer = SafetensorsShardWriter(tmp / "adapter_model.safetensors", adapter_keys(targets), safetensors_metadata(manifest))
+            keys = adapter_keys(targets) + param_keys(ptargets)
+            writer = SafetensorsShardWriter(tmp / "adapter_model.safetensors", keys, safetensors_metadata(manifest))
             try:
                 modules = _write_targets(writer, targets, phi, theta, out_dtype, dev, svd_options, block_bytes, quiet)
+                modules.update(write_param_targets(
+                    writer, ptargets, phi, theta, lambda k: out_dtype or theta.info(k).dtype, dev,
+                    options_from(svd_options), EXPERT_CHUNK))
                 writer.finalize()
             finally:
                 writer.close()
             manifest["modules"] = modules
             manifest["serving"] = serving_report(modules)
             _write_adapter_config(tmp, targets, modules, phi.source, bool(copies))
+            add_target_parameters(tmp, plan, modules)
             copy_side_files(theta.folder, tmp, skip=("config.json",))
             write_manifest(tmp, manifest)
     manifest["output"] = str(output)

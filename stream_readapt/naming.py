@@ -42,6 +42,7 @@ class ParamInfo:
     name: str
     shape: tuple[int, ...]
     transposed: bool = False  # experts stored [E, in, out] (gpt-oss), not [E, out, in]
+    linear: bool = True  # owned by an nn.Linear / nn.Embedding (a PEFT target_modules target)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class NameMap:
 
     pieces: dict[str, Piece] = field(default_factory=dict)  # checkpoint key -> piece
     params: dict[str, ParamInfo] = field(default_factory=dict)  # every in-memory parameter, in model order
+    model_type: str | None = None
 
     def param_of(self, key: str) -> str:
         piece = self.pieces.get(key)
@@ -74,7 +76,7 @@ class NameMap:
     def from_checkpoint(cls, ckpt) -> "NameMap":
         """The map for a `Checkpoint` (its config.json picks the architecture)."""
         model = meta_model(ckpt.config, ckpt.source)
-        names = cls(params=model_params(model))
+        names = cls(params=model_params(model), model_type=ckpt.config.get("model_type"))
         if model is None:
             return names
         renamings, converters = _transforms(model)
@@ -103,13 +105,16 @@ def meta_model(config: dict, source: str = "config.json"):
 
 
 def model_params(model) -> dict[str, ParamInfo]:
+    import torch
+
     if model is None:
         return {}
     modules = dict(model.named_modules())
     params = {}
     for name, tensor in model.state_dict().items():
         owner = modules.get(name.rsplit(".", 1)[0])
-        params[name] = ParamInfo(name, tuple(tensor.shape), bool(getattr(owner, "is_transposed", False)))
+        linear = isinstance(owner, (torch.nn.Linear, torch.nn.Embedding))
+        params[name] = ParamInfo(name, tuple(tensor.shape), bool(getattr(owner, "is_transposed", False)), linear)
     return params
 
 

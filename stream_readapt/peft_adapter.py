@@ -119,7 +119,8 @@ class PeftAdapter:
         m = _LORA_SUFFIX.match(name)
         if m is None:
             # modules_to_save (`x.modules_to_save.default.weight` in old PEFT) and saved base layers
-            name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name).replace(".base_layer.", ".")
+            name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+            name = re.sub(r"(\.base_layer)+\.", ".", name)  # ParamWrappers nest: base_layer.base_layer
             self.replacements[name] = key
             return
         mod = self.modules.setdefault(m["module"], LoraModule(m["module"]))

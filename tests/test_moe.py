@@ -71,6 +71,58 @@ def test_gpt_oss_lore_file_is_valid(moe, tmp_path):
         keys = list(f.keys())
         assert all(f.get_tensor(k).numel() for k in keys)
     assert len(keys) == len(set(keys))
-    assert not any(k.endswith("experts.lora_A.weight") for k in keys)
+    # one ParamWrapper per expert tensor and layer: gate_up_proj inside (base_layer), down_proj outside
+    assert sum(k.endswith("experts.lora_A.weight") for k in keys) == 2
+    assert sum(k.endswith("experts.base_layer.lora_A.weight") for k in keys) == 2
     config = json.loads((tmp_path / "lore" / "adapter_config.json").read_text())
     assert all(not m.endswith("experts") for m in config["target_modules"])
+
+
+def _logits(model_dir, adapter=None) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    ids = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def lores(moe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_lore")
+    return {arch: extract(pair.base, pair.instruct, root / arch, max_error=1e-4) and root / arch
+            for arch, (pair, _) in moe.items()}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_lore_adapter_in_peft_is_the_instruct_model(moe, lores, arch):
+    pair, _ = moe[arch]
+    config = json.loads((lores[arch] / "adapter_config.json").read_text())
+    assert any("experts.gate_up_proj" in p for p in config["target_parameters"])
+    with safe_open(lores[arch] / "adapter_model.safetensors", "pt") as f:  # experts never saved whole
+        assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj", "w1.weight")) for k in f.keys())
+    assert_rel_close(_logits(pair.base, lores[arch]), _logits(pair.instruct), 1e-4, arch)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_merge_from_moe_lore_adapter(moe, lores, arch, tmp_path):
+    pair, _ = moe[arch]
+    merge(pair.base, tmp_path / "m", readapter=lores[arch], alpha=0.0, beta=1.0)
+    assert_rel_close(_logits(tmp_path / "m"), _logits(pair.instruct), 1e-4, arch)
+
+
+def test_lore_size_at_energy_half(moe, tmp_path, capsys):
+    """The paper's τ = 0.5: the adapter vs the model, and the padding of per-expert ranks."""
+    pair, _ = moe["qwen3_moe"]
+    manifest = extract(pair.base, pair.instruct, tmp_path / "lore", energy=0.5)
+    size = (tmp_path / "lore" / "adapter_model.safetensors").stat().st_size
+    model = (pair.base / "model.safetensors").stat().st_size
+    experts = {m: r for m, r in manifest["modules"].items() if r["kind"] == "experts"}
+    assert experts and all(0 <= r["padding"] < 1 and len(r["expert_ranks"]) == 4 for r in experts.values())
+    assert size < model
+    with capsys.disabled():
+        print(f"\nqwen3_moe LoRE --energy 0.5: {size} bytes vs model {model} ({size / model:.1%}); "
+              f"expert padding {[r['padding'] for r in experts.values()]}")
