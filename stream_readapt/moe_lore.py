@@ -79,7 +79,8 @@ def lowrank_experts(chunks: Iterable[torch.Tensor], options: ExpertOptions) -> l
 
 
 def _chunk_factors(D: torch.Tensor, o: ExpertOptions, gen) -> list[ExpertFactors]:
-    total = D.double().square().sum(dim=(1, 2))  # [c], float64: the energy test needs it exact
+    # float64 (the energy test needs it exact), one expert at a time (a float64 chunk is 2x the chunk)
+    total = torch.stack([d.double().square().sum() for d in D])
     Q = _basis(D, total, o, gen)
     Bq = Q.transpose(1, 2) @ D  # [c, k, n]
     Ub, S, Vh = torch.linalg.svd(Bq, full_matrices=False)
