@@ -135,3 +135,15 @@ def _check_factors(lora: ParamLora, adapter, fan_in: int, fan_out: int) -> None:
         )
     lora.rank = r
     lora.scale = alpha / math.sqrt(r) if adapter.config.get("use_rslora") else alpha / r
+
+
+def dense_deltas(adapter, device) -> dict[str, torch.Tensor]:
+    """Each wrapped parameter's whole Ψ (or Δ, scale included) in its in-memory layout, for
+    `patch_model`'s reference path: the parameter is rewritten when the scales change."""
+    if adapter.experts is None:
+        return {}
+    out = {}
+    for param, lora in adapter.experts.by_param.items():
+        shape = adapter.experts.names.params[param].shape
+        out[param] = adapter.experts.rows(param, 0, shape[0], device).reshape(shape)
+    return out

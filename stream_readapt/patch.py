@@ -23,6 +23,7 @@ from torch import nn
 from .kernels.readapt_linear import (
     fold_lowrank, readapt_linear_full, readapt_linear_full_ref, readapt_linear_lowrank, readapt_linear_lowrank_ref,
 )
+from .experts import dense_deltas
 from .peft_adapter import PeftAdapter
 from .plan import base_name_for
 from .safetensors_reader import CheckpointError
@@ -166,12 +167,18 @@ def _full_terms(names, read, base_params: dict[str, torch.Tensor], scale: str, i
         into.setdefault(name, Terms()).full[scale] = value.to(phi.device, phi.dtype)
 
 
+def _saved_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers a checkpoint holds (DeepSeek's router `e_score_correction_bias`), not derived ones."""
+    saved = set(model.state_dict())
+    return {n: b for n, b in model.named_buffers() if n in saved}
+
+
 class LoadedBase:
     """A loaded model seen as a checkpoint (names, shapes, config), so the adapters' own base
     checks (`plan`, `check_base`: every tensor has a counterpart of a fitting shape) run on it."""
 
     def __init__(self, model: nn.Module):
-        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.params = {**_saved_buffers(model), **dict(model.named_parameters(remove_duplicate=False))}
         self.names = list(self.params)
         self.config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
         self.source = f"{type(model).__name__} (loaded model)"
@@ -205,6 +212,7 @@ def load_terms(model: nn.Module, readapter=None, knowledge=None, *, ignore_base_
             else:
                 _merge_terms(terms, _lowrank_terms(delta.adapter, device, as_lore=True))
                 _replacement_terms(delta.adapter, params, "beta", terms)
+                _full_terms(*_expert_reader(delta.adapter, device), params, "beta", terms)
         finally:
             delta.close()
     if knowledge is not None:
@@ -213,9 +221,17 @@ def load_terms(model: nn.Module, readapter=None, knowledge=None, *, ignore_base_
             psi.check_base(base, resolve=lambda n: base_name_for(base, n))
             _merge_terms(terms, _lowrank_terms(psi, device, as_lore=False))
             _replacement_terms(psi, params, "alpha", terms)
+            _full_terms(*_expert_reader(psi, device), params, "alpha", terms)
         finally:
             psi.close()
     return terms
+
+
+def _expert_reader(adapter: PeftAdapter, device):
+    """target_parameters LoRAs (experts, routers) as full deltas of their parameters: the
+    reference path, rewritten per scale like norms (no grouped expert kernel yet)."""
+    deltas = dense_deltas(adapter, device)
+    return list(deltas), deltas.__getitem__
 
 
 def recorded_base_norms(manifest: dict | None) -> dict[str, float]:
@@ -346,7 +362,7 @@ class _ParamReadapter:
 def _patch_other_params(model: nn.Module, terms: dict[str, Terms]) -> None:
     handled = {id(p) for m in model.modules() if isinstance(m, (ReadaptLinear, ReadaptEmbedding)) for p in m.parameters()}
     keepers = []
-    for name, param in model.named_parameters():
+    for name, param in [*model.named_parameters(), *_saved_buffers(model).items()]:
         t = terms.get(name)
         if t is not None and t.full and id(param) not in handled:
             keepers.append(_ParamReadapter(param, t))

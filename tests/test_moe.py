@@ -126,3 +126,20 @@ def test_lore_size_at_energy_half(moe, tmp_path, capsys):
     with capsys.disabled():
         print(f"\nqwen3_moe LoRE --energy 0.5: {size} bytes vs model {model} ({size / model:.1%}); "
               f"expert padding {[r['padding'] for r in experts.values()]}")
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_patch_model_matches_merged(moe, lores, arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from stream_readapt import patch_model, set_scales
+
+    pair, lora = moe[arch]
+    merge(pair.base, tmp_path / "m", readapter=lores[arch], knowledge=lora, alpha=0.5, beta=0.5)
+    model = AutoModelForCausalLM.from_pretrained(pair.base, dtype=torch.float32).eval()
+    patch_model(model, readapter=lores[arch], knowledge=lora, alpha=0.5, beta=0.5)
+    ids = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_rel_close(model(input_ids=ids).logits, _logits(tmp_path / "m"), 1e-4, arch)
+        set_scales(model, alpha=0.0, beta=1.0)  # live: now the instruct model (up to the LoRE error)
+        assert_rel_close(model(input_ids=ids).logits, _logits(pair.instruct), 1e-4, arch)
