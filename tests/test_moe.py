@@ -143,3 +143,20 @@ def test_patch_model_matches_merged(moe, lores, arch, tmp_path):
         assert_rel_close(model(input_ids=ids).logits, _logits(tmp_path / "m"), 1e-4, arch)
         set_scales(model, alpha=0.0, beta=1.0)  # live: now the instruct model (up to the LoRE error)
         assert_rel_close(model(input_ids=ids).logits, _logits(pair.instruct), 1e-4, arch)
+
+
+def test_expert_adapter_with_wrong_rank_is_refused(moe, tmp_path):
+    """A config rank that does not divide the factors over the experts: one line naming the parameter."""
+    import shutil
+
+    from stream_readapt.safetensors_reader import CheckpointError
+
+    pair, lora = moe["mixtral"]
+    bad = tmp_path / "bad"
+    shutil.copytree(lora, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["rank_pattern"]["model.layers.0.mlp.experts.gate_up_proj"] = 5  # the file has rank 4
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"gate_up_proj'.*= 5 over 4 experts needs lora_A \[20, 64\]"):
+        merge(pair.base, tmp_path / "m", instruct=pair.instruct, knowledge=bad)
+    assert not (tmp_path / "m").exists()
