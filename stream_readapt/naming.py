@@ -96,12 +96,12 @@ def meta_model(config: dict, source: str = "config.json"):
         return None
     try:
         cfg = AutoConfig.for_model(**config)
-    except (ValueError, KeyError) as e:
-        logger.warning("%s: transformers does not know model_type %r (%s): names taken as they are",
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, TypeError, ImportError) as e:  # unknown or custom-code architecture
+        logger.warning("%s: transformers cannot build model_type %r (%s): names taken as they are",
                        source, config.get("model_type"), e)
         return None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg)
 
 
 def model_params(model) -> dict[str, ParamInfo]:
