@@ -25,6 +25,8 @@ import torch
 from .checkpoint import Checkpoint
 from .lowrank import LowRankFactors, randomized_svd
 from .manifest import ModuleStats, as_json, copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
+from .moe_extract import add_target_parameters, options_from, param_keys, split_param_targets, write_param_targets
+from .naming import NameMap
 from .plan import Role, RoleTable, TensorPlan, plan_pairs, roles_of, select, ties_embeddings
 from .options import RunOptions
 from .ownership import raise_allocation_error
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 SERVING_RANK_LIMITS = (64, 128, 256)  # common max_lora_rank settings (vLLM accepts at most 256 by default builds)
+EXPERT_CHUNK = 8  # experts decomposed together: memory is this many experts' Δ, never the layer
 SPECTRUM_POINTS = 256  # explained-variance points kept per module in the manifest (for plots)
 
 
@@ -45,6 +48,7 @@ class Target:
     pair: TensorPlan
     role: str  # layout: "lora", "embedding" (lora_embedding_A/B), "full" (modules_to_save), "bias"
     source: str | None = None  # instruct tensor to read, when not pair.name (a tied lm_head)
+    key: str | None = None  # adapter key, when not derived from the name (under a ParamWrapper)
 
     @property
     def module(self) -> str:
@@ -59,7 +63,7 @@ class Target:
 LOWRANK_ROLES = (Role.LINEAR, Role.CONV1D)
 
 
-def layout_of(p: TensorPlan, embeddings: str, derived: bool) -> str:
+def layout_of(p: TensorPlan, embeddings: str) -> str:
     """Where a tensor goes in a PEFT adapter, from its role (the role table decides, not its name)."""
     kind = p.kind
     if kind is Role.BIAS:
@@ -70,14 +74,17 @@ def layout_of(p: TensorPlan, embeddings: str, derived: bool) -> str:
         return "embedding" if embeddings == "lora" else "full"
     if kind is Role.LM_HEAD:
         return "lora" if embeddings == "lora" else "full"
+    if not p.name.endswith(".weight"):  # gpt-oss's 2-D `experts.gate_up_proj_bias` is no LoRA target
+        return "full"
     # A name-only table (no transformers) cannot tell a linear from other matrices: take it for one.
-    return "lora" if kind in LOWRANK_ROLES or (not derived and kind is Role.OTHER) else "full"
+    # Other matrices (routers, per-expert tensors) are candidates: moe_extract moves those PEFT
+    # can only reach by target_parameters there, and saves the rest whole.
+    return "lora" if kind in LOWRANK_ROLES + (Role.EXPERTS, Role.OTHER) else "full"
 
 
 def classify(pairs: list[TensorPlan], chosen: set[str], embeddings: str, table: RoleTable) -> list[Target]:
     table.require_classes("LoRE-Adapt", names_suffice=True)
-    table.refuse_experts("LoRE-Adapt", [p.name for p in pairs if p.name in chosen])
-    return [Target(p, layout_of(p, embeddings, table.derived)) for p in pairs if p.name in chosen]
+    return [Target(p, layout_of(p, embeddings)) for p in pairs if p.name in chosen]
 
 
 def tied_head_copy(targets: list[Target], theta: Checkpoint, table: RoleTable) -> list[Target]:
@@ -106,6 +113,8 @@ def adapter_keys(targets: list[Target]) -> list[str]:
 
 
 def _full_key(t: Target, lora_modules: set[str]) -> str:
+    if t.key is not None:
+        return t.key
     # A LoRA-wrapped module keeps its original parameters under `base_layer`.
     if t.module in lora_modules:
         return f"{PREFIX}{t.module}.base_layer.{t.pair.param.rsplit('.', 1)[1]}"
@@ -137,6 +146,9 @@ def extract_lore(
         targets = classify(pairs, select([p.name for p in pairs], include, exclude), embeddings, table)
         copies = tied_head_copy(targets, theta, table)
         targets += copies
+        # Experts and non-Linear weights (routers) go in by PEFT target_parameters (moe_extract.py)
+        plan = split_param_targets(targets, NameMap.from_checkpoint(phi))
+        targets, ptargets = plan.targets, plan.params
         manifest = new_manifest(
             "lore-adapter",
             inputs={"base": input_record(phi), "instruct": input_record(theta)},
@@ -146,15 +158,20 @@ def extract_lore(
             instruct_config=theta.config,
         )
         with out_folder as tmp:
-            writer = SafetensorsShardWriter(tmp / "adapter_model.safetensors", adapter_keys(targets), safetensors_metadata(manifest))
+            keys = adapter_keys(targets) + param_keys(ptargets)
+            writer = SafetensorsShardWriter(tmp / "adapter_model.safetensors", keys, safetensors_metadata(manifest))
             try:
                 modules = _write_targets(writer, targets, phi, theta, run, svd_options)
+                modules.update(write_param_targets(
+                    writer, ptargets, phi, theta, lambda k: run.dtype or theta.info(k).dtype, run.device,
+                    options_from(svd_options), EXPERT_CHUNK))
                 writer.finalize()
             finally:
                 writer.close()
             manifest["modules"] = modules
             manifest["serving"] = serving_report(modules)
             _write_adapter_config(tmp, targets, modules, phi.source, bool(copies))
+            add_target_parameters(tmp, plan, modules)
             copy_side_files(theta.folder, tmp, skip=("config.json",))
             write_manifest(tmp, manifest)
     manifest["output"] = str(output)

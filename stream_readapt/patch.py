@@ -23,9 +23,10 @@ from torch import nn
 from .kernels.readapt_linear import (
     fold_lowrank, readapt_linear_full, readapt_linear_full_ref, readapt_linear_lowrank, readapt_linear_lowrank_ref,
 )
+from .experts import dense_deltas
 from .peft_adapter import PeftAdapter
 from .plan import bind_adapter
-from .roles import table_of_model
+from .roles import Role, table_of_model
 from .safetensors_reader import CheckpointError
 from .sources import FullDelta, open_readapter
 from .streaming import check_scales
@@ -196,6 +197,12 @@ def _full_terms(names, read, base_params: dict[str, torch.Tensor], scale: str, i
         into.setdefault(name, Terms()).full[scale] = value.to(phi.device, phi.dtype)
 
 
+def _saved_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers a checkpoint holds (DeepSeek's router `e_score_correction_bias`), not derived ones."""
+    saved = set(model.state_dict())
+    return {n: b for n, b in model.named_buffers() if n in saved}
+
+
 class LoadedBase:
     """A loaded model seen as a checkpoint (names, shapes, config), so the adapters' own base
     checks (`plan`, `check_base`: every tensor has a counterpart of a fitting shape) run on it.
@@ -205,7 +212,7 @@ class LoadedBase:
     head is left out, as a tied checkpoint leaves it out."""
 
     def __init__(self, model: nn.Module):
-        params = dict(model.named_parameters(remove_duplicate=False))
+        params = {**_saved_buffers(model), **dict(model.named_parameters(remove_duplicate=False))}
         self.role_table = table_of_model(model)
         self.params = {r.key: params[r.param] for r in self.role_table.roles.values()
                        if r.param in params and not r.tied_to}
@@ -229,20 +236,20 @@ def load_terms(model: nn.Module, readapter=None, knowledge=None, *, ignore_base_
     a readapter whose recorded base weight norms are not this model's.
     """
     base = LoadedBase(model)
-    base.role_table.refuse_experts("patch_model", base.names)
     params = base.params
     device = next(model.parameters()).device
     terms: dict[str, Terms] = {}
     if readapter is not None:
         delta = open_readapter(readapter)
         try:
-            delta.plan(base)
+            _plan_readapter(delta, base)
             _check_base_norms(delta, base, ignore_base_mismatch)
             if isinstance(delta, FullDelta):
                 _full_terms(delta.ckpt.names, delta.ckpt.read, params, "beta", terms)
             else:
                 _merge_terms(terms, _lowrank_terms(delta.adapter, device, as_lore=True))
                 _replacement_terms(delta.adapter, params, "beta", terms)
+                _full_terms(*_expert_reader(delta.adapter, device), params, "beta", terms)
         finally:
             delta.close()
     if knowledge is not None:
@@ -251,9 +258,30 @@ def load_terms(model: nn.Module, readapter=None, knowledge=None, *, ignore_base_
             bind_adapter(psi, base)
             _merge_terms(terms, _lowrank_terms(psi, device, as_lore=False))
             _replacement_terms(psi, params, "alpha", terms)
+            _full_terms(*_expert_reader(psi, device), params, "alpha", terms)
         finally:
             psi.close()
     return {base.role_table.param_of(key): t for key, t in terms.items()}  # by the model's own names
+
+
+def _expert_reader(adapter: PeftAdapter, device):
+    """target_parameters LoRAs (experts, routers) as full deltas of their parameters: the
+    reference path, rewritten per scale like norms (no grouped expert kernel yet)."""
+    deltas = dense_deltas(adapter, device)
+    return list(deltas), deltas.__getitem__
+
+
+def _plan_readapter(delta, base: LoadedBase) -> None:
+    """The readapter's plan against the loaded model. Per-expert checkpoint tensors have no
+    counterpart in a model that fuses its experts at load: say what does work."""
+    try:
+        delta.plan(base)
+    except CheckpointError as e:
+        experts = any(r.role is Role.EXPERTS for r in base.role_table.roles.values())
+        if not (experts and isinstance(delta, FullDelta)):
+            raise
+        raise CheckpointError(f"{e}; this model fuses its experts at load, so patch_model takes their Δ from a "
+                              "LoRE-Adapter (extract --energy/--max-error), or merge a checkpoint") from None
 
 
 def recorded_base_norms(manifest: dict | None) -> dict[str, float]:
@@ -386,7 +414,7 @@ class _ParamReadapter:
 def _patch_other_params(model: nn.Module, terms: dict[str, Terms]) -> None:
     handled = {id(p) for m in model.modules() if isinstance(m, (ReadaptLinear, ReadaptEmbedding)) for p in m.parameters()}
     keepers = []
-    for name, param in model.named_parameters():
+    for name, param in [*model.named_parameters(), *_saved_buffers(model).items()]:
         t = terms.get(name)
         if t is not None and t.full and id(param) not in handled:
             keepers.append(_ParamReadapter(param, t))

@@ -25,7 +25,9 @@ import torch
 
 from .adapter_checks import refuse_unsupported, warn_on_contradictions
 from .checkpoint import Checkpoint
+from .experts import ExpertLoras, take_param_loras
 from .jsonfile import load_json_object
+from .naming import NameMap
 from .plan import check_float
 from .safetensors_reader import CheckpointError
 from .streaming import is_finite_number
@@ -85,6 +87,8 @@ class PeftAdapter:
         self.replacements: dict[str, str] = {}  # base tensor name -> adapter tensor name
         for key in self.ckpt.names:
             self._classify(key)
+        self.param_loras = take_param_loras(self.config, self.modules)  # target_parameters (experts)
+        self.experts: ExpertLoras | None = None  # bound to a base by check_base
         for mod in self.modules.values():
             self._finish(mod)
         self._cache: tuple[str, dict] | None = None
@@ -122,7 +126,8 @@ class PeftAdapter:
         m = _LORA_SUFFIX.match(name)
         if m is None:
             # modules_to_save (`x.modules_to_save.default.weight` in old PEFT) and saved base layers
-            name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name).replace(".base_layer.", ".")
+            name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+            name = re.sub(r"(\.base_layer)+\.", ".", name)  # ParamWrappers nest: base_layer.base_layer
             self.replacements[name] = key
             return
         mod = self.modules.setdefault(m["module"], LoraModule(m["module"]))
@@ -211,6 +216,8 @@ class PeftAdapter:
         a saved full tensor's output key (default: `resolve`)."""
         resolve = resolve or (lambda n: n if n in base else None)
         warn_on_contradictions(self.source, self.config, base.source, base.config)
+        if self.param_loras:
+            self.experts = ExpertLoras(self.param_loras, NameMap.from_checkpoint(base), self)
         transposed = transposed or (lambda key: False)
         by_base = {}
         for mod in self.modules.values():
@@ -297,7 +304,8 @@ class PeftAdapter:
         return lora if psi is None else psi.add_(lora)
 
     def has(self, name: str) -> bool:
-        return name in self.replacements or self._module_of(name) is not None
+        experts = self.experts is not None and self.experts.has(name)
+        return experts or name in self.replacements or self._module_of(name) is not None
 
     def needs_base_rows(self, name: str) -> bool:
         """Whether Ψ of `name` depends on Φ (DoRA, saved full weights): then use `delta_rows`."""
@@ -307,6 +315,9 @@ class PeftAdapter:
 
     def add_rows_(self, out: torch.Tensor, name: str, start: int, stop: int, weight: float) -> None:
         """out += weight·Ψ[start:stop] for a plain LoRA term, as one fused addmm (no Ψ block)."""
+        if self.experts is not None and self.experts.has(name):
+            out.add_(self.experts.rows(name, start, stop, out.device), alpha=weight)
+            return
         mod = self._module_of(name)
         if mod is None:
             return
@@ -329,6 +340,8 @@ class PeftAdapter:
         return table.get(name.rsplit(".", 1)[0])
 
     def _lora_rows(self, name: str, phi: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        if self.experts is not None and self.experts.has(name):
+            return self.experts.rows(name, start, stop, phi.device)
         mod = self._module_of(name)
         if mod is None:
             return None

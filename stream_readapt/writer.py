@@ -53,9 +53,12 @@ class SafetensorsShardWriter:
         meta_len = len(json.dumps({"__metadata__": self.metadata}))
         reserve = meta_len + sum(len(json.dumps(n)) + _ENTRY_SLACK for n in names) + 16
         self._reserved = reserve + (-(8 + reserve)) % 8  # data starts 8-byte aligned
-        self._fh = open(self.path, "wb")
+        # Written under a hidden name, renamed to `path` only by a finalize that passes its checks.
+        self._partial = self.path.with_name(f".{self.path.name}.partial")
+        self._fh = open(self._partial, "wb")
         self._fh.seek(8 + self._reserved)
         self._entries: dict[str, dict] = {}
+        self._names: list[str] = []  # every begin(), duplicates included: checked at finalize
         self._offset = 0
         self._current: tuple[str, int] | None = None  # (name, bytes still expected)
         self._hash = resume.new_hash()  # of the data, as written: the journal's checksum
@@ -65,6 +68,7 @@ class SafetensorsShardWriter:
         nbytes = dtype.itemsize
         for d in shape:
             nbytes *= d
+        self._names.append(name)
         self._entries[name] = {
             "dtype": DTYPE_NAMES[dtype],
             "shape": list(shape),
@@ -103,6 +107,11 @@ class SafetensorsShardWriter:
 
         `sync=False` leaves the fsync to the caller (see `fsync_file`)."""
         assert self._current is None, "tensor left open"
+        try:
+            check_layout(self.path, self._names, self._entries, self._offset)
+        except ValueError:
+            self.close()
+            raise
         header = dict(self._entries)
         header["__metadata__"] = self.metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -120,11 +129,14 @@ class SafetensorsShardWriter:
         if sync:
             os.fsync(self._fh.fileno())
         self._fh.close()
+        os.replace(self._partial, self.path)
         return self._offset
 
     def close(self) -> None:
+        """Abandon an unfinished file (nothing is left under its name)."""
         if not self._fh.closed:
             self._fh.close()
+            self._partial.unlink(missing_ok=True)
 
     def __enter__(self) -> "SafetensorsShardWriter":
         return self
@@ -134,6 +146,25 @@ class SafetensorsShardWriter:
             self.finalize()
         else:
             self.close()
+
+
+def check_layout(path: Path, names: list[str], entries: dict[str, dict], total: int) -> None:
+    """The invariant of a finished file: unique names whose byte ranges tile [0, total)
+    exactly (no hole, no overlap). A planning bug fails here, before the file is finished."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{path}: tensor {name!r} written twice (a planning bug); file not finished")
+        seen.add(name)
+    end = 0
+    for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"]):
+        start, stop = entry["data_offsets"]
+        if start != end:
+            kind = "hole" if start > end else "overlap"
+            raise ValueError(f"{path}: {kind} of {abs(start - end)} bytes before tensor {name!r}; file not finished")
+        end = stop
+    if end != total:
+        raise ValueError(f"{path}: {total - end} bytes after the last tensor are unaccounted; file not finished")
 
 
 @dataclass(frozen=True)
