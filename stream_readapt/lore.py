@@ -99,15 +99,19 @@ def _full_key(t: Target, lora_modules: set[str]) -> str:
 
 
 def extract_lore(
-    base, instruct, output, *, energy=None, rank=None, max_error=None, max_rank=None, embeddings="full",
+    base, instruct, output, *, energy=None, rank=None, max_error=None, max_rank=None, embeddings=None,
     seed=0, dtype=None, device="auto", include=None, exclude=None, revision=None, overwrite=False,
-    quiet=True, block_bytes=DEFAULT_BLOCK_BYTES, power_iters=None,
+    quiet=True, block_bytes=DEFAULT_BLOCK_BYTES, power_iters=None, profile="peft",
 ) -> dict:
     """Write the LoRE-Adapter of `instruct` over `base` to `output`; returns its manifest.
 
     Exactly one of `energy` (τ, the paper's 0.5), `rank` or `max_error` picks each
-    matrix's rank; `max_rank` caps it. See `stream_readapt.extract` for the rest.
+    matrix's rank; `max_rank` caps it. `profile` names the consumer (`stream_readapt.serving`).
+    See `stream_readapt.extract` for the rest.
     """
+    from .serving import apply_profile, get_profile
+
+    embeddings = embeddings or ("full" if get_profile(profile).full_tensors else "lora")
     if sum(x is not None for x in (energy, rank, max_error)) != 1:
         raise ValueError("give exactly one of energy=, rank= or max_error=")
     if embeddings not in ("full", "lora"):
@@ -120,6 +124,9 @@ def extract_lore(
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
         pairs = plan_pairs(phi, theta)
         targets = classify(pairs, select([p.name for p in pairs], include, exclude), embeddings)
+        if not get_profile(profile).added_tokens and any(t.pair.added_rows for t in targets):
+            raise ValueError(f"{instruct} adds tokens to the vocabulary: --profile {profile} serves the base "
+                             "vocabulary only; use the merged checkpoint (`stream-readapt merge`) instead")
         copies = tied_head_copy(targets, theta)
         targets += copies
         manifest = new_manifest(
@@ -140,6 +147,8 @@ def extract_lore(
             manifest["modules"] = modules
             manifest["serving"] = serving_report(modules)
             _write_adapter_config(tmp, targets, modules, phi.source, bool(copies))
+            if profile != "peft":
+                manifest["profile"] = apply_profile(tmp, profile, phi)
             copy_side_files(theta.folder, tmp, skip=("config.json",))
             write_manifest(tmp, manifest)
     manifest["output"] = str(output)
