@@ -60,8 +60,8 @@ PROFILES = {
         ServingProfile("vllm", False, False, True, True, False, False, max_rank=VLLM_MAX_LORA_RANKS[-1]),
         # SGLang reads one `r`/`lora_alpha` (buffers sized by it); embedding / head LoRA not relied on
         ServingProfile("sglang", False, False, False, False, True, False),
-        # convert_lora_to_gguf.py exits on full tensors; embedding LoRA layout not verified at run time
-        ServingProfile("llama.cpp", False, False, False, True, False, False),
+        # convert_lora_to_gguf.py exits on full tensors; keeps lora_embedding_* (transposes A for token_embd)
+        ServingProfile("llama.cpp", False, False, True, True, False, False),
         ServingProfile("portable", False, False, False, False, True, False, max_rank=VLLM_MAX_LORA_RANKS[-1]),
     )
 }

@@ -60,3 +60,53 @@ def vllm_lora() -> types.SimpleNamespace:
     utils = _exec(_vllm_source(wheel, "vllm/lora/utils.py"),
                   lambda n: isinstance(n, ast.FunctionDef) and n.name in wanted, "_vllm_lora_utils")
     return types.SimpleNamespace(PEFTHelper=ns["PEFTHelper"], **{k: utils[k] for k in wanted})
+
+
+LLAMA_CPP_PYTHON = "0.3.36"  # also pinned in .ci/constraints.txt
+
+
+def llama_cpp_sources() -> Path:
+    """llama.cpp's Python converters and gguf-py, as vendored in the llama-cpp-python sdist."""
+    import tarfile
+
+    cache = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
+    root = cache / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if (root / "convert_lora_to_gguf.py").is_file():
+        return root
+    sdist = _download(f"llama-cpp-python=={LLAMA_CPP_PYTHON}", cache, "--no-binary", ":all:")
+    wanted = ("/vendor/llama.cpp/gguf-py/", "/vendor/llama.cpp/conversion/", "/vendor/llama.cpp/convert_")
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if any(w in m.name for w in wanted) and m.isfile()]
+        tar.extractall(cache / "src", members=members, filter="data")
+    return root
+
+
+def convert_lora_to_gguf(adapter: Path, base: Path, out: Path) -> subprocess.CompletedProcess:
+    """Run llama.cpp's own convert_lora_to_gguf.py on `adapter` (base config from `base`)."""
+    root = llama_cpp_sources()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)])}
+    cmd = [sys.executable, str(root / "convert_lora_to_gguf.py"), "--base", str(base), "--outfile", str(out), str(adapter)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def gguf_module():
+    root = llama_cpp_sources()
+    if str(root / "gguf-py") not in sys.path:
+        sys.path.insert(0, str(root / "gguf-py"))
+    import gguf
+
+    return gguf
+
+
+SGLANG = "0.5.23"  # also pinned in .ci/constraints.txt
+
+
+def sglang_lora() -> types.SimpleNamespace:
+    """SGLang's LoRAConfig (sglang/srt/lora/lora_config.py: needs only huggingface_hub) and the
+    source of lora.py / mem_pool.py, whose scaling and buffer-shape rules the tests apply."""
+    wheel = _download(f"sglang=={SGLANG}", CACHE / f"sglang-{SGLANG}")
+    with zipfile.ZipFile(wheel) as z:
+        tree = ast.parse(z.read("sglang/srt/lora/lora_config.py").decode())
+        sources = {m: z.read(f"sglang/srt/lora/{m}.py").decode() for m in ("lora", "mem_pool")}
+    ns = _exec(tree, lambda n: True, "_sglang_lora_config")
+    return types.SimpleNamespace(LoRAConfig=ns["LoRAConfig"], sources=sources)

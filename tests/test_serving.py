@@ -160,3 +160,33 @@ def test_vllm_loads_profile_and_scales_as_peft(vllm, adapters, peft_deltas, prof
         delta = scaling * (f["B"] @ f["A"])
         delta = delta.T if embedding else delta  # vLLM / PEFT embedding LoRA: (B·A)ᵀ rows per token
         torch.testing.assert_close(delta, peft_deltas[profile][module + ".weight"], rtol=1e-4, atol=1e-6, msg=module)
+
+
+# ----------------------------------------------------------------------------- SGLang's own code
+
+
+@pytest.mark.parametrize("profile", ["sglang", "portable"])
+def test_sglang_config_fits_its_buffers_and_scales_as_peft(adapters, peft_deltas, profile):
+    sglang = consumers.sglang_lora()
+    # The rules applied below, as SGLang states them (fails loudly if a new version changes them):
+    assert "self.scaling: float = self.config.lora_alpha / self.config.r" in sglang.sources["lora"]
+    assert "lora_rank = lora_adapter.config.r" in sglang.sources["mem_pool"]
+    config = sglang.LoRAConfig(str(adapters.root / profile))
+    tensors = load_file(adapters.root / profile / "adapter_model.safetensors")
+    for key, a in tensors.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        b = tensors[key.replace("lora_A", "lora_B")].float()
+        assert a.shape[0] == config.r, key  # mem_pool.py: buffers are [.., r, ..]; a mismatch fails its assert
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        delta = (config.lora_alpha / config.r) * (b @ a.float())
+        torch.testing.assert_close(delta, peft_deltas[profile][module + ".weight"], rtol=1e-4, atol=1e-6, msg=module)
+
+
+def test_sglang_buffers_refuse_per_module_ranks(adapters):
+    sglang = consumers.sglang_lora()
+    config = sglang.LoRAConfig(str(adapters.root / "vllm"))
+    ranks = {t.shape[0] for k, t in load_file(adapters.root / "vllm" / "adapter_model.safetensors").items()
+             if k.endswith("lora_A.weight")}
+    assert ranks != {config.r}  # what check_sglang reports for this adapter
+    assert any("per-module ranks" in r for r in check_adapter(adapters.root / "vllm", "sglang"))
