@@ -120,6 +120,8 @@ def _run(args) -> dict | str:
 
         lore = {"max_rank": args.max_rank, "embeddings": args.embeddings, "seed": args.seed, "profile": args.profile}
         low_rank = args.energy is not None or args.rank is not None or args.max_error is not None
+        if args.profile != "peft" and not low_rank:
+            raise ValueError(f"--profile {args.profile} shapes a LoRE-Adapter: add --energy, --rank or --max-error")
         return extract(
             args.base, args.instruct, args.output, energy=args.energy, rank=args.rank, max_error=args.max_error,
             dtype=args.dtype, device=args.device, include=args.include, exclude=args.exclude,

@@ -190,3 +190,9 @@ def test_sglang_buffers_refuse_per_module_ranks(adapters):
              if k.endswith("lora_A.weight")}
     assert ranks != {config.r}  # what check_sglang reports for this adapter
     assert any("per-module ranks" in r for r in check_adapter(adapters.root / "vllm", "sglang"))
+
+
+def test_profile_without_low_rank_is_a_one_line_error(llama_pair, tmp_path, capsys):
+    code = main(["extract", str(llama_pair.base), str(llama_pair.instruct), "-o", str(tmp_path / "x"), "--profile", "vllm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--energy" in err[0] and not (tmp_path / "x").exists()
