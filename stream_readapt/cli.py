@@ -68,7 +68,10 @@ def _extract_parser(sub) -> None:
     low.add_argument("--rank", type=int, help="LoRE: fixed rank per matrix")
     low.add_argument("--max-error", type=float, help="LoRE: relative Frobenius error target per matrix")
     p.add_argument("--max-rank", type=int, help="LoRE: cap on any module's rank")
-    p.add_argument("--embeddings", choices=["full", "lora"], default="full", help="LoRE: embeddings/lm_head as full tensors or low-rank")
+    p.add_argument("--embeddings", choices=["full", "lora"], help="LoRE: embeddings/lm_head as full tensors or low-rank "
+                   "(default: full for --profile peft, else lora)")
+    p.add_argument("--profile", choices=["peft", "vllm", "sglang", "llama.cpp", "portable"], default="peft",
+                   help="LoRE: who serves the adapter (default peft: full fidelity; portable: loads in all)")
     p.add_argument("--seed", type=parse_seed, default=0, help="LoRE: seed of the randomized SVD")
     p.add_argument("--include", action="append", metavar="REGEX", help="only tensors matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip tensors matching (repeatable)")
@@ -94,6 +97,7 @@ def _inspect_parser(sub) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--plot", metavar="FILE.png", help="LoRE: draw explained-variance curves and chosen ranks")
+    p.add_argument("--check", choices=["vllm", "sglang", "llama.cpp"], help="would this adapter load there, applied as PEFT applies it")
     _common(p, device=False)
 
 
@@ -116,8 +120,10 @@ def _run(args) -> dict | str:
     if args.command == "extract":
         from .extract import extract
 
-        lore = {"max_rank": args.max_rank, "embeddings": args.embeddings, "seed": args.seed}
+        lore = {"max_rank": args.max_rank, "embeddings": args.embeddings, "seed": args.seed, "profile": args.profile}
         low_rank = args.energy is not None or args.rank is not None or args.max_error is not None
+        if args.profile != "peft" and not low_rank:
+            raise ValueError(f"--profile {args.profile} shapes a LoRE-Adapter: add --energy, --rank or --max-error")
         return extract(
             args.base, args.instruct, args.output, energy=args.energy, rank=args.rank, max_error=args.max_error,
             dtype=args.dtype, device=args.device, include=args.include, exclude=args.exclude,
@@ -133,6 +139,10 @@ def _run(args) -> dict | str:
             max_shard_size=args.max_shard_size, revision=args.revision, overwrite=args.overwrite,
             ignore_base_mismatch=args.ignore_base_mismatch, quiet=args.quiet, resume=args.resume,
         )
+    if args.command == "inspect" and args.check:
+        from .serving_check import check_report
+
+        return check_report(args.paths, args.check)
     if args.command == "inspect":
         from .describe import inspect_paths
 

@@ -122,15 +122,19 @@ def _full_key(t: Target, lora_modules: set[str]) -> str:
 
 
 def extract_lore(
-    base, instruct, output, *, energy=None, rank=None, max_error=None, max_rank=None, embeddings="full",
+    base, instruct, output, *, energy=None, rank=None, max_error=None, max_rank=None, embeddings=None,
     seed=0, dtype=None, device="auto", include=None, exclude=None, revision=None, overwrite=False,
-    quiet=True, block_bytes=DEFAULT_BLOCK_BYTES, power_iters=None,
+    quiet=True, block_bytes=DEFAULT_BLOCK_BYTES, power_iters=None, profile="peft",
 ) -> dict:
     """Write the LoRE-Adapter of `instruct` over `base` to `output`; returns its manifest.
 
     Exactly one of `energy` (τ, the paper's 0.5), `rank` or `max_error` picks each
-    matrix's rank; `max_rank` caps it. See `stream_readapt.extract` for the rest.
+    matrix's rank; `max_rank` caps it. `profile` names the consumer (`stream_readapt.serving`).
+    See `stream_readapt.extract` for the rest.
     """
+    from .serving import apply_profile, get_profile
+
+    embeddings = embeddings or ("full" if get_profile(profile).full_tensors else "lora")
     if sum(x is not None for x in (energy, rank, max_error)) != 1:
         raise ValueError("give exactly one of energy=, rank= or max_error=")
     if embeddings not in ("full", "lora"):
@@ -144,11 +148,17 @@ def extract_lore(
         pairs = plan_pairs(phi, theta)
         table = roles_of(phi, theta.names)
         targets = classify(pairs, select([p.name for p in pairs], include, exclude), embeddings, table)
+        if not get_profile(profile).added_tokens and any(t.pair.added_rows for t in targets):
+            raise ValueError(f"{instruct} adds tokens to the vocabulary: --profile {profile} serves the base "
+                             "vocabulary only; use the merged checkpoint (`stream-readapt merge`) instead")
         copies = tied_head_copy(targets, theta, table)
         targets += copies
         # Experts and non-Linear weights (routers) go in by PEFT target_parameters (moe_extract.py)
         plan = split_param_targets(targets, NameMap.from_checkpoint(phi))
         targets, ptargets = plan.targets, plan.params
+        if ptargets and profile != "peft":
+            raise ValueError(f"--profile {profile} does not carry LoRAs on fused experts or routers (PEFT "
+                             f"target_parameters, {len(ptargets)} here) yet: use --profile peft, or merge a checkpoint")
         manifest = new_manifest(
             "lore-adapter",
             inputs={"base": input_record(phi), "instruct": input_record(theta)},
@@ -172,6 +182,8 @@ def extract_lore(
             manifest["serving"] = serving_report(modules)
             _write_adapter_config(tmp, targets, modules, phi.source, bool(copies))
             add_target_parameters(tmp, plan, modules)
+            if profile != "peft":
+                manifest["profile"] = apply_profile(tmp, profile, phi)
             copy_side_files(theta.folder, tmp, skip=("config.json",))
             write_manifest(tmp, manifest)
     manifest["output"] = str(output)
