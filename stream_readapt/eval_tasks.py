@@ -24,9 +24,22 @@ def _lm_eval():
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
-    """lm-eval's "acc,none" style keys, finite numbers only (stderr of one example is "N/A")."""
+    """lm-eval's "metric,filter" entries, finite numbers only (a stderr of one example is "N/A")."""
     return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "alias"}
+            if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _task_manager(TaskManager, tasks: list[str], task_dir):
+    """Only the local YAMLs when they hold every task: indexing lm-eval's own registry takes a while."""
+    if task_dir is not None:
+        local = TaskManager(include_path=str(task_dir), include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=str(task_dir) if task_dir else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)} (not in lm-eval's registry or --task-dir)")
+    return manager
 
 
 def run_tasks(model, tokenizer, tasks: list[str], task_dir: str | os.PathLike | None = None, *,
@@ -35,10 +48,7 @@ def run_tasks(model, tokenizer, tasks: list[str], task_dir: str | os.PathLike | 
     lm_eval, HFLM, TaskManager = _lm_eval()
     if task_dir is not None and not os.path.isdir(task_dir):
         raise FileNotFoundError(f"{task_dir}: no such task folder (--task-dir)")
-    manager = TaskManager(include_path=str(task_dir) if task_dir else None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)} (not in lm-eval's registry or --task-dir)")
+    manager = _task_manager(TaskManager, tasks, task_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                   log_samples=False, bootstrap_iters=0)

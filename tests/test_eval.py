@@ -209,3 +209,42 @@ def test_plain_model_is_one_point_with_null_scales(llama_pair, qa_files, tmp_pat
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert rc == 0 and len(results["points"]) == 1 and results["points"][0]["alpha"] is None
     assert "rougeL_recall" in table and not (tmp_path / "out" / "heatmap.png").exists()
+
+
+# ----------------------------------------------------------------------------- lm-eval tasks
+
+TASK_YAML = """task: sr_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_tasks_run_on_the_patched_model_at_each_point(llama_pair, qa_files, tmp_path, monkeypatch):
+    """lm-eval's log-likelihood accuracy at a live point equals lm-eval on the merged checkpoint."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [{"question": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 30}", f"w{i + 60}"], "label": i % 3}
+            for i in range(10, 70, 3)]
+    data = _write(tmp_path / "mc.jsonl", [json.dumps(r) for r in rows])
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "sr_tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
+    qa, _ = qa_files
+    kw = dict(max_new_tokens=2, dtype="float32", device="cpu", tasks=["sr_tiny_mc"], task_dir=tmp_path / "tasks")
+    live = evaluate(llama_pair.base, qa, tmp_path / "live", instruct=llama_pair.instruct, alphas=[0.0],
+                    betas=[0.0, 1.0], **kw)
+    ref = evaluate(llama_pair.instruct, qa, tmp_path / "ref", **kw)
+    at_base, at_instruct = (p["tasks"]["sr_tiny_mc"] for p in live["points"])
+    assert 0.0 <= at_base["acc,none"] <= 1.0
+    assert at_instruct == ref["points"][0]["tasks"]["sr_tiny_mc"] and "acc,none" in at_instruct
+    with pytest.raises(ValueError, match="unknown lm-eval task"):
+        evaluate(llama_pair.base, qa, tmp_path / "bad", **{**kw, "tasks": ["no_such_task_xyz"]})
