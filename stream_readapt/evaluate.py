@@ -198,7 +198,7 @@ def evaluate(
             results["retrieval"] = context.record()
         with out_folder as tmp:
             results["points"] = _run_grid(gen, questions, context, grid, tmp, tasks, task_dir, task_limit, quiet)
-            results["heatmap"] = write_heatmap(tmp / "heatmap.png", results["points"])
+            results["heatmap"] = "heatmap.png" if write_heatmap(tmp / "heatmap.png", results["points"]) else None
             write_json(tmp / "results.json", results)
     results["output"] = str(output)
     return results
