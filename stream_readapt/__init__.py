@@ -1,6 +1,6 @@
 """stream_readapt: streaming RE-Adapt / LoRE-Adapt for Hugging Face checkpoints.
 
-    from stream_readapt import extract, merge, patch_model, set_scales
+    from stream_readapt import extract, merge, patch_model, set_scales, evaluate
 """
 
 import importlib
@@ -9,12 +9,12 @@ import types
 
 __version__ = "0.1.0"
 
-_LAZY = {"extract": "extract", "merge": "merge", "patch_model": "patch", "set_scales": "patch"}
+_LAZY = {"extract": "extract", "merge": "merge", "patch_model": "patch", "set_scales": "patch", "evaluate": "evaluate"}
 
 
 class _Package(types.ModuleType):
-    """`stream_readapt.merge` / `.extract` stay the functions once their modules are imported
-    (the import system would set the attribute to the submodule)."""
+    """`stream_readapt.merge` / `.extract` / `.evaluate` stay the functions once their modules are
+    imported (the import system would set the attribute to the submodule)."""
 
     def __setattr__(self, name, value):
         if _LAZY.get(name) == name and isinstance(value, types.ModuleType):
@@ -33,4 +33,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'stream_readapt' has no attribute {name!r}")
 
 
-__all__ = ["extract", "merge", "patch_model", "set_scales", "__version__"]
+__all__ = ["extract", "merge", "patch_model", "set_scales", "evaluate", "__version__"]

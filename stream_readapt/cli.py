@@ -101,6 +101,40 @@ def _inspect_parser(sub) -> None:
     _common(p, device=False)
 
 
+def parse_floats(text: str) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0] (a grid axis)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r} (e.g. 0,0.5,1)") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"repeated value in {text!r}")
+    return values
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="closed-book / RAG QA (ROUGE-L recall, EM) over a live α × β grid")
+    p.add_argument("model", help="model to load (the pretrained base when adapters are given): folder or Hub id")
+    p.add_argument("--data", required=True, help="QA JSON Lines: id, question, answers, optional passage_id")
+    p.add_argument("-o", "--output", required=True, help="folder for results.json, generations.jsonl, heatmap.png")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--readapter", help="Δ: a folder written by `extract` (full or LoRE)")
+    src.add_argument("--instruct", help="Δ: the instruction-tuned model (Δ = instruct − model, extracted once)")
+    p.add_argument("--knowledge", help="Ψ: PEFT LoRA/DoRA adapter folder trained on the base")
+    p.add_argument("--alpha", type=parse_floats, help="knowledge weights of the grid, e.g. 0,0.5,1 (default 0.5)")
+    p.add_argument("--beta", type=parse_floats, help="RE-Adapter weights of the grid, e.g. 0,0.5,1 (default 0.5)")
+    p.add_argument("--passages", help="passage JSON Lines: id, text")
+    p.add_argument("--retrieval", choices=["none", "bm25", "oracle"], default="none", help="context passage per question")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length cap (default 32)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load dtype (default: the checkpoint's)")
+    p.add_argument("--tasks", type=lambda t: [x for x in t.split(",") if x], help="lm-evaluation-harness tasks, comma-separated")
+    p.add_argument("--task-dir", help="folder of lm-eval task YAMLs (local data files) to add to the task list")
+    p.add_argument("--task-limit", type=int, help="lm-eval: at most this many examples per task")
+    p.add_argument("--ignore-base-mismatch", action="store_true", help="patch even if the RE-Adapter was made from another base")
+    _common(p)
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on a tiny generated model pair, offline")
     p.add_argument("--dir", help="work folder (default: a temporary folder, removed afterwards)")
@@ -111,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="stream-readapt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"stream-readapt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_extract_parser, _merge_parser, _inspect_parser, _demo_parser):
+    for add in (_extract_parser, _merge_parser, _inspect_parser, _eval_parser, _demo_parser):
         add(sub)
     return parser
 
@@ -143,6 +177,16 @@ def _run(args) -> dict | str:
         from .serving_check import check_report
 
         return check_report(args.paths, args.check)
+    if args.command == "eval":
+        from .evaluate import evaluate
+
+        return evaluate(
+            args.model, args.data, args.output, readapter=args.readapter, instruct=args.instruct,
+            knowledge=args.knowledge, alphas=args.alpha, betas=args.beta, passages=args.passages,
+            retrieval=args.retrieval, max_new_tokens=args.max_new_tokens, tasks=args.tasks, task_dir=args.task_dir,
+            task_limit=args.task_limit, dtype=args.dtype, device=args.device, revision=args.revision,
+            overwrite=args.overwrite, ignore_base_mismatch=args.ignore_base_mismatch, quiet=args.quiet,
+        )
     if args.command == "inspect":
         from .describe import inspect_paths
 
@@ -197,6 +241,10 @@ def summary(command: str, manifest: dict) -> str:
     """A few human lines about a finished extract / merge."""
     if "text" in manifest:
         return manifest["text"]
+    if command == "eval":
+        from .eval_report import format_table
+
+        return format_table(manifest)
     kind = manifest.get("kind")
     n = len(manifest.get("tensors") or manifest.get("modules") or {})
     line = f"{command}: wrote {kind} with {n} {'modules' if 'modules' in manifest else 'tensors'} to {manifest.get('output')}"
