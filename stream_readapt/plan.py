@@ -44,9 +44,6 @@ class TensorPlan:
         return self.role.role if self.role else Role.OTHER
 
 
-TensorPair = TensorPlan  # the name older code and tests use
-
-
 def ties_embeddings(config: dict, source: str = "config.json") -> bool:
     # transformers' PretrainedConfig defaults tie_word_embeddings to True.
     text = config.get("text_config")

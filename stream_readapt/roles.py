@@ -113,12 +113,6 @@ class RoleTable:
         if not self.derived and (self.unknown or not names_suffice):
             raise CheckpointError(f"{what} needs the transformers classes of model_type {self.model_type!r}: {self.reason}")
 
-    def refuse_experts(self, what: str, keys) -> None:
-        experts = [k for k in keys if self.of(k).role is Role.EXPERTS]
-        if experts:
-            raise CheckpointError(f"{what}: mixture-of-experts tensors ({experts[0]!r}, {len(experts)} in all) are not "
-                                  f"supported for model_type {self.model_type!r} yet; use merge for a full checkpoint")
-
 
 # ----------------------------------------------------------------------------- building
 
