@@ -110,3 +110,77 @@ def sglang_lora() -> types.SimpleNamespace:
         sources = {m: z.read(f"sglang/srt/lora/{m}.py").decode() for m in ("lora", "mem_pool")}
     ns = _exec(tree, lambda n: True, "_sglang_lora_config")
     return types.SimpleNamespace(LoRAConfig=ns["LoRAConfig"], sources=sources)
+
+
+LLAMA_CPP_CMAKE_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+)
+
+
+def _llama_cpp_full_sources() -> Path:
+    """The whole sdist (llama.cpp's C++ sources and llama-cpp-python's `llama_cpp` package)."""
+    import tarfile
+
+    llama_cpp_sources()  # downloads the sdist if needed
+    cache = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
+    src = cache / "src" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+    stamp = src / ".complete"
+    if not stamp.is_file():
+        with tarfile.open(next(p for p in cache.iterdir() if p.name.endswith(".tar.gz"))) as tar:
+            tar.extractall(cache / "src", filter="data")
+        stamp.write_text("")
+    return src
+
+
+def llama_cpp_runtime():
+    """llama-cpp-python's ctypes bindings (`llama_cpp.llama_cpp`) over libllama built from the sdist.
+
+    Only the `llama` library target of the vendored llama.cpp is built (cmake, Release, shared,
+    GGML_NATIVE=OFF, no tools/examples/tests/common), once per machine, into the test cache;
+    a plain `pip install` of the sdist would also build mtmd and the common library. The package
+    is imported from the sdist without running its `__init__` (whose high-level `Llama` class
+    needs diskcache and jinja2); the low-level bindings need only typing_extensions.
+    Skips when cmake or a C++ compiler is missing.
+    """
+    import importlib
+    import shutil
+    import time
+
+    if "llama_cpp.llama_cpp" in sys.modules:
+        return sys.modules["llama_cpp.llama_cpp"]
+    missing = [t for t in ("cmake",) if shutil.which(t) is None]
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        missing.append("a C++ compiler (c++/g++/clang++)")
+    if missing:
+        pytest.skip(f"building llama.cpp needs {' and '.join(missing)}")
+    src = _llama_cpp_full_sources()
+    build = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "build"
+    lib = build / "bin"
+    if not (lib / "libllama.so").is_file() or not (build / ".complete").is_file():
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        jobs = str(os.cpu_count() or 2)
+        log = build.parent / "build.log"
+        start = time.monotonic()
+        with open(log, "w") as fh:
+            for cmd in (["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), *generator,
+                         *LLAMA_CPP_CMAKE_ARGS],
+                        ["cmake", "--build", str(build), "--target", "llama", "-j", jobs]):
+                if subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode != 0:
+                    pytest.fail(f"building llama.cpp failed ({' '.join(cmd[:3])} ...): "
+                                f"{log.read_text()[-3000:]}")
+        (build / ".complete").write_text(f"{time.monotonic() - start:.0f} s\n")
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib)
+    package = types.ModuleType("llama_cpp")  # a namespace for the bindings, __init__ not run
+    package.__path__ = [str(src / "llama_cpp")]
+    sys.modules["llama_cpp"] = package
+    return importlib.import_module("llama_cpp.llama_cpp")
+
+
+def convert_hf_to_gguf(model: Path, out: Path, outtype: str = "f32") -> subprocess.CompletedProcess:
+    """Run llama.cpp's own convert_hf_to_gguf.py on a Hugging Face checkpoint folder."""
+    root = llama_cpp_sources()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)])}
+    cmd = [sys.executable, str(root / "convert_hf_to_gguf.py"), "--outtype", outtype, "--outfile", str(out), str(model)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
