@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
+from .roles import Role
 from .naming import NameMap, ParamInfo, Piece
 from .safetensors_reader import CheckpointError
 from .streaming import check_finite
@@ -67,7 +68,7 @@ def split_param_targets(targets: list, names: NameMap) -> ParamPlan:
     remapped = peft_remapped_leaves(names.model_type)
     for t in targets:
         piece = names.pieces.get(t.pair.name)
-        if piece is not None and _by_parameter(piece, names.params.get(piece.param), t.role, remapped):
+        if piece is not None and _by_parameter(piece, names.params.get(piece.param), t, remapped):
             chosen.setdefault(piece.param, []).append(piece)
     owners: dict[str, list[str]] = {}
     for param in names.params:  # model order: the first parameter is the innermost wrapper
@@ -110,9 +111,13 @@ def peft_remapped_leaves(model_type: str | None) -> set[str]:
     return set(_MOE_TARGET_MODULE_MAPPING.get(pattern or "", {}))
 
 
-def _by_parameter(piece: Piece, info: ParamInfo | None, role: str, remapped: set[str]) -> bool:
+def _by_parameter(piece: Piece, info: ParamInfo | None, t, remapped: set[str]) -> bool:
+    role = t.role
     if info is None or role == "bias":
         return False
+    if t.pair.kind in (Role.LINEAR, Role.CONV1D) and piece.expert is None and len(info.shape) == 2:
+        # a layer PEFT reaches by target_modules (GPT-2's Conv1D too, with fan_in_fan_out)
+        return bool(piece.param.rpartition(".")[0].rpartition(".")[2] in remapped)
     if piece.expert is not None or len(info.shape) == 3:
         return True
     module = piece.param.rpartition(".")[0]
