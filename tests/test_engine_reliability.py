@@ -135,7 +135,9 @@ def test_input_rewritten_mid_run_is_refused(llama_pair, tmp_path, monkeypatch):
         close(self)
         with open(last, "r+b") as fh:  # in place, same size: another job re-saving the shard
             fh.seek(-64, os.SEEK_END)
-            fh.write(os.urandom(64))
+            # other finite float32 values (random bytes could spell NaN, which would fail the
+            # run for that reason first)
+            fh.write((torch.rand(16) + 2.0).numpy().tobytes())
 
     monkeypatch.setattr(CheckpointWriter, "_close_shard", close_then_rewrite)
     out = tmp_path / "out"
