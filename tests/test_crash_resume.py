@@ -124,11 +124,26 @@ def test_signal_mid_run_keeps_finished_shards_for_resume(pair, reference, tmp_pa
     assert_clean(out)
 
 
+# The CLI with `import torch` held up for 5 s, so a signal 0.4 s in lands while torch loads
+# whatever the machine's speed (a quiet machine finished the whole tiny merge in under 0.4 s).
+SLOW_TORCH_CLI = (
+    "import sys, time\n"
+    "class SlowTorch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch':\n"
+    "            time.sleep(5)\n"
+    "sys.meta_path.insert(0, SlowTorch())\n"
+    "from stream_readapt.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_start_up_is_one_line(pair, tmp_path, sig):
     """While torch is still being imported: no traceback, nothing left."""
     out = tmp_path / "out"
-    proc = start_and_signal(command("merge", pair, out), out, sig, after_shards=0, delay=0.4)
+    cmd = [sys.executable, "-c", SLOW_TORCH_CLI, *command("merge", pair, out)[3:]]
+    proc = start_and_signal(cmd, out, sig, after_shards=0, delay=0.4)
     err = proc.stderr.strip()
     assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
