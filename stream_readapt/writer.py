@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from . import resume
-from .ownership import JOURNAL_FILE, OutputFolder, active_output, remove_tree
+from .ownership import JOURNAL_FILE, OutputFolder, active_output, fsync_path, remove_tree
 from .safetensors_reader import DTYPE_NAMES
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class SafetensorsShardWriter:
     def finalize(self, *, sync: bool = True) -> int:
         """Write the header into its reserved room; returns the data bytes written.
 
-        `sync=False` leaves the fsync to the caller (see `fsync_file`)."""
+        `sync=False` leaves the fsync to the caller (see `ownership.fsync_path`)."""
         assert self._current is None, "tensor left open"
         try:
             check_layout(self.path, self._names, self._entries, self._offset)
@@ -205,15 +205,6 @@ def shard_file_names(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a closed file's data to disk (any descriptor of the file will do)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckpointWriter:
     """Writes planned tensors, in order, into Hugging Face-named shards plus an index.
 
@@ -302,7 +293,7 @@ class CheckpointWriter:
             self._shard = None
 
     def _sync_and_record(self, path: Path, record: "resume.ShardRecord") -> None:
-        fsync_file(path)
+        fsync_path(path)
         if self.journal is not None:  # only once its bytes are on disk
             self.journal.shards[record.file] = record
             self.journal.write(self.folder / JOURNAL_FILE)
