@@ -12,6 +12,7 @@ bench/out/merge_<preset>.json / .csv. Inputs are read once before each timed run
 runs start with the same (warm) page cache; outputs go to disk and are fsync'ed.
 
     python bench/bench_merge.py --preset 1b [--workdir /tmp/bench-data] [--skip-mergekit] [--keep]
+        [--cache cold|warm] [--role-cache cold|warm] [--repeat N]
 
 mergekit lives in its own venv (bench/.venv-mergekit, see --mergekit-bin); without it the
 mergekit row is skipped with a note.
@@ -48,6 +49,7 @@ class Setup:
     read_bytes: int
     write_bytes: int
     cache: str = "cold"
+    role_cache: str = "warm"
 
     @classmethod
     def build(cls, preset: str, workdir: Path) -> Setup:
@@ -66,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", choices=["cold", "warm"], default="cold",
                    help="inputs evicted from the page cache before each run (cold, like a 70B model that cannot "
                         "fit) or read in beforehand (warm)")
+    p.add_argument("--role-cache", choices=["cold", "warm"], default="warm",
+                   help="stream-readapt's cache of role tables (role_cache.py): empty before each run of ours, as on "
+                        "a machine's first run (cold), or primed once beforehand (warm, every later run)")
     p.add_argument("--repeat", type=int, default=1, help="runs of copy and ours (alternating); mergekit runs once")
     p.add_argument("--keep", action="store_true", help="keep the merged outputs (default: removed after checking)")
     p.add_argument("--verify-only", action="store_true", help="no timing: check the outputs a --keep run left")
@@ -122,12 +127,14 @@ def time_tool(s: Setup, tool: str, cmd: list[str], run: int) -> dict:
     inputs = [s.inputs[k] for k in ("base", "instruct", "lora")]
     (hc.evict_page_cache if s.cache == "cold" else hc.warm_page_cache)(inputs)
     cached = hc.cached_fraction(inputs)
-    stats = hc.run_timed(cmd, s.runs / f"{tool}-{run}.log")
+    env = hc.role_cache_env(s.role_cache, s.runs / "role-cache") if tool == "ours" else None
+    stats = hc.run_timed(cmd, s.runs / f"{tool}-{run}.log", env=env)
     hc.remove(s.runs / "mergekit-lora-cache")  # else a second mergekit run would skip its LoRA merge
     gbps = (s.read_bytes + s.write_bytes) / GB / stats["wall_s"]
     print(f"  {tool:9s} run {run}: {stats['wall_s']:.1f} s, peak RSS {stats['peak_rss_mb']:.0f} MB, "
           f"other processes used {stats['others_cpu_s']:.0f} CPU-s meanwhile", flush=True)
-    return {"preset": s.preset, "tool": tool, "run": run, "cache": s.cache, "inputs_cached": cached, **stats,
+    return {"preset": s.preset, "tool": tool, "run": run, "cache": s.cache, "inputs_cached": cached,
+            "role_cache": s.role_cache if tool == "ours" else "", **stats,
             "read_gb": s.read_bytes / GB,
             "written_gb": s.write_bytes / GB, "gb_per_s": gbps}
 
@@ -220,8 +227,13 @@ def _short(d: dict) -> dict:
             "within_1ulp": f"{d['frac_within_ulp']['<=1']:.5f}", "rel_err": f"{d['rel_fro_err']:.2e}"}
 
 
-COLUMNS = ["preset", "tool", "run", "cache", "inputs_cached", "wall_s", "peak_rss_mb", "user_s", "sys_s",
+COLUMNS = ["preset", "tool", "run", "cache", "role_cache", "inputs_cached", "wall_s", "peak_rss_mb", "user_s", "sys_s",
            "read_gb", "written_gb", "gb_per_s", "x_copy", "mergekit_speedup", "fs_in_gb", "fs_out_gb", "others_cpu_s"]
+
+
+def out_name(s: Setup) -> str:
+    """merge_<preset>, or merge_<preset>_first-run when the role cache was cold."""
+    return f"merge_{s.preset}" + ("_first-run" if s.role_cache == "cold" else "")
 
 
 def stamp(rows: list[dict], code: str) -> dict:
@@ -233,7 +245,7 @@ def stamp(rows: list[dict], code: str) -> dict:
 
 
 def report(s: Setup, args, rows: list[dict], extra: dict) -> None:
-    paths = hc.write_rows(rows, extra, args.out_dir, f"merge_{s.preset}")
+    paths = hc.write_rows(rows, extra, args.out_dir, out_name(s))
     print(hc.format_table(rows, COLUMNS))
     print(check_table(extra["checks"]))
     m = extra["machine"]
@@ -257,8 +269,10 @@ def main(argv=None) -> None:
         return verify_only(args)
     check_disk(args.preset, args.workdir, not args.skip_mergekit)
     s = Setup.build(args.preset, args.workdir)
-    s.cache = args.cache
+    s.cache, s.role_cache = args.cache, args.role_cache
     s.runs.mkdir(parents=True, exist_ok=True)
+    if s.role_cache == "warm":
+        hc.prime_role_cache(s.runs / "role-cache", s.inputs["base"], s.inputs["instruct"], s.inputs["lora"])
     code = hc.code_version(HERE.parent)  # taken before timing: other people may edit the tree meanwhile
     print(f"{s.preset}: reads {s.read_bytes / GB:.2f} GB, writes {s.write_bytes / GB:.2f} GB", flush=True)
     rows = run_copy_and_ours(s, args.repeat)
@@ -266,7 +280,7 @@ def main(argv=None) -> None:
     rows += mk_rows
     add_ratios(rows)
     extra = {"machine": stamp(rows, code), "notes": [note] if note else [], "targets": targets(rows)}
-    hc.write_rows(rows, extra, args.out_dir, f"merge_{s.preset}")  # kept even if checking fails
+    hc.write_rows(rows, extra, args.out_dir, out_name(s))  # kept even if checking fails
     extra["checks"] = verify(s, bool(mk_rows))
     extra["verdict"] = verdict(extra["checks"])
     report(s, args, rows, extra)

@@ -61,7 +61,34 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def run_timed(cmd: list[str], log: Path) -> dict:
+def role_cache_env(mode: str, folder: Path) -> dict[str, str]:
+    """A child's environment with stream_readapt's role-table cache (role_cache.py) in a known state.
+
+    cold: a fresh, empty cache folder, as on a machine's first run (the child imports
+    transformers and builds the model on meta, ~5 s on 2 cores); warm: `folder`, primed once
+    by `prime_role_cache`, as on every later run with the same models.
+    """
+    if mode == "cold":
+        folder = Path(tempfile.mkdtemp(prefix="role-cache-cold-", dir=folder.parent))
+    return {**os.environ, "STREAM_READAPT_CACHE": str(folder)}
+
+
+def prime_role_cache(folder: Path, base: Path, instruct: Path, lora: Path | None = None) -> None:
+    """Plan a merge / extract of these inputs once, untimed, so their role tables are cached."""
+    code = ("import sys\n"
+            "from stream_readapt.checkpoint import Checkpoint\n"
+            "from stream_readapt.sources import InstructDelta\n"
+            "phi = Checkpoint.open(sys.argv[1])\n"
+            "InstructDelta(Checkpoint.open(sys.argv[2])).plan(phi)\n"
+            "if len(sys.argv) > 3:\n"
+            "    from stream_readapt.peft_adapter import PeftAdapter\n"
+            "    from stream_readapt.plan import bind_adapter\n"
+            "    bind_adapter(PeftAdapter(sys.argv[3]), phi)\n")
+    args = [str(base), str(instruct)] + ([str(lora)] if lora else [])
+    subprocess.run([sys.executable, "-c", code, *args], check=True, env=role_cache_env("warm", folder))
+
+
+def run_timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict:
     """Run `cmd` as a fresh child; its stdout/stderr go to `log`. Raises on a non-zero exit.
 
     `others_cpu_s` is the CPU time other processes used meanwhile: a noise gauge on a
@@ -71,10 +98,11 @@ def run_timed(cmd: list[str], log: Path) -> dict:
         busy = busy_cpu_seconds()
         start = time.perf_counter()
         if _has_gnu_time():
-            rc = subprocess.call([GNU_TIME, "-v", "-o", report.name, *cmd], stdout=out, stderr=out)
+            rc = subprocess.call([GNU_TIME, "-v", "-o", report.name, *cmd], stdout=out, stderr=out, env=env)
             stats = _parse_gnu_time(Path(report.name).read_text())
         else:
-            rc = subprocess.call([sys.executable, "-c", _RUSAGE_WRAPPER, report.name, *cmd], stdout=out, stderr=out)
+            rc = subprocess.call([sys.executable, "-c", _RUSAGE_WRAPPER, report.name, *cmd], stdout=out, stderr=out,
+                                 env=env)
             stats = json.loads(Path(report.name).read_text() or "{}")
         stats["wall_s"] = time.perf_counter() - start  # includes the wrapper's start-up: a few ms
         stats["others_cpu_s"] = max(0.0, busy_cpu_seconds() - busy - stats["user_s"] - stats["sys_s"])

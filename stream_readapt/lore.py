@@ -30,7 +30,7 @@ from .naming import NameMap
 from .plan import Role, RoleTable, TensorPlan, plan_pairs, roles_of, select, ties_embeddings
 from .options import RunOptions
 from .ownership import raise_allocation_error
-from .streaming import check_finite, progress, row_blocks, DEFAULT_BLOCK_BYTES
+from .streaming import check_finite, progress, row_blocks
 from .writer import OutputFolder, SafetensorsShardWriter
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _full_key(t: Target, lora_modules: set[str]) -> str:
 def extract_lore(
     base, instruct, output, *, energy=None, rank=None, max_error=None, max_rank=None, embeddings=None,
     seed=0, dtype=None, device="auto", include=None, exclude=None, revision=None, overwrite=False,
-    quiet=True, block_bytes=DEFAULT_BLOCK_BYTES, power_iters=None, profile="peft",
+    quiet=True, block_bytes=None, power_iters=None, profile="peft",
 ) -> dict:
     """Write the LoRE-Adapter of `instruct` over `base` to `output`; returns its manifest.
 

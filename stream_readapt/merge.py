@@ -33,7 +33,7 @@ from .safetensors_reader import CheckpointError
 from .options import RunOptions, Scales
 from .sources import DeltaSource, InstructDelta, open_readapter
 from .blocks import BlockBuffers, Job, stream_pass
-from .streaming import DEFAULT_BLOCK_BYTES, check_scales, progress
+from .streaming import check_scales, progress
 from .writer import CheckpointWriter, OutputFolder, PlannedTensor, shards_by_size, shards_like
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def merge(
     revision: str | None = None,
     overwrite: bool = False,
     ignore_base_mismatch: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,  # float32 bytes per row block; None: the device's best
     quiet: bool = True,
     resume: bool = False,
 ) -> dict:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .streaming import DEFAULT_BLOCK_BYTES, resolve_device, resolve_dtype
+from .streaming import DEFAULT_BLOCK_BYTES, block_bytes_for, resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,11 @@ class RunOptions:
     quiet: bool = True
 
     @classmethod
-    def resolve(cls, *, device="auto", dtype=None, max_shard_size=None, block_bytes=DEFAULT_BLOCK_BYTES,
+    def resolve(cls, *, device="auto", dtype=None, max_shard_size=None, block_bytes=None,
                 quiet=True) -> "RunOptions":
-        """From the user's spelling (`"auto"`, `"bfloat16"`), checked."""
-        return cls(resolve_device(device), resolve_dtype(dtype), max_shard_size, block_bytes, quiet)
+        """From the user's spelling (`"auto"`, `"bfloat16"`), checked; `block_bytes` None: the device's best."""
+        dev = resolve_device(device)
+        return cls(dev, resolve_dtype(dtype), max_shard_size, block_bytes_for(dev, block_bytes), quiet)
 
     @property
     def dtype_name(self) -> str | None:

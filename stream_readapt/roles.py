@@ -123,14 +123,24 @@ def role_table(config: dict, keys: list[str]) -> RoleTable:
     layers = _layer_count(config)
     if layers > MAX_LAYERS:  # a hostile config would have the meta build run for ever
         return _fallback(config, keys, f"config.json asks for {layers} layers (more than {MAX_LAYERS})", unknown=True)
+    from . import role_cache  # imported here: role_cache builds on this module
+
+    config_json = _config_key(config)
+    cache_key = role_cache.entry_key(config_json, keys)
+    cached = role_cache.load(cache_key) if cache_key else None
+    if cached is not None:
+        return cached
     try:
-        model, transforms = _meta_model(_config_key(config))
+        model, transforms = _meta_model(config_json)
     except ImportError as e:
         return _fallback(config, keys, f"transformers is not installed ({e}); pip install 'stream-readapt[test]'")
     except Exception as e:  # an unknown model_type or a config transformers rejects
         first = (str(e).splitlines() or [""])[0][:160]
         return _fallback(config, keys, f"transformers cannot build it ({type(e).__name__}: {first})", unknown=True)
-    return _from_model(model, model_type, keys, transforms)
+    table = _from_model(model, model_type, keys, transforms)
+    if cache_key:
+        role_cache.store(cache_key, table)
+    return table
 
 
 MAX_LAYERS = 1024  # the deepest published decoders have ~130

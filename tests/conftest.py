@@ -17,6 +17,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Role tables are derived afresh in every test (and child process): a table cached by one
+# test, or by the user's own runs, would hide what another test changes. tests/test_role_cache.py
+# switches the cache on where it is the subject.
+os.environ["STREAM_READAPT_CACHE"] = "off"
+
 import fixtures_models as fm
 from fixtures_models import ModelPair
 
