@@ -232,8 +232,8 @@ COLUMNS = ["preset", "tool", "run", "cache", "role_cache", "inputs_cached", "wal
 
 
 def out_name(s: Setup) -> str:
-    """merge_<preset>, or merge_<preset>_first-run when the role cache was cold."""
-    return f"merge_{s.preset}" + ("_first-run" if s.role_cache == "cold" else "")
+    """merge_<preset>[_warm][_first-run]: page cache cold (default) or warm, role cache warm or cold."""
+    return f"merge_{s.preset}" + ("_warm" if s.cache == "warm" else "") + ("_first-run" if s.role_cache == "cold" else "")
 
 
 def stamp(rows: list[dict], code: str) -> dict:

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the stored layout changes
 MAX_ENTRY_BYTES = 16 * 2**20  # a 1024-layer MoE table is a few MB
+MAX_ENTRIES = 256  # least recently used entries beyond this are removed when one is stored
 _FIELDS = ("key", "param", "role", "module_class", "embed_scale", "tied_to")
 
 
@@ -77,7 +78,9 @@ def load(key: str) -> RoleTable | None:
             raw = fh.read(MAX_ENTRY_BYTES + 1)
         if len(raw) > MAX_ENTRY_BYTES:
             raise ValueError("too large")
-        return _decode(json.loads(raw.decode("utf-8")), key)
+        table = _decode(json.loads(raw.decode("utf-8")), key)
+        os.utime(path)  # recently used: kept when the cache is trimmed
+        return table
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError) as e:  # corrupt or foreign: derive again
@@ -100,8 +103,21 @@ def store(key: str, table: RoleTable) -> None:
         except BaseException:
             os.unlink(tmp)
             raise
+        _trim(folder)
     except OSError as e:
         logger.debug("role cache: not stored in %s (%s)", folder, e)
+
+
+def _trim(folder: Path) -> None:
+    """Remove the least recently used entries beyond MAX_ENTRIES (another run may race us: fine)."""
+    entries = []
+    for path in folder.glob("*.json"):
+        try:
+            entries.append((path.stat().st_mtime_ns, path))
+        except FileNotFoundError:
+            continue
+    for _, path in sorted(entries, reverse=True)[MAX_ENTRIES:]:
+        path.unlink(missing_ok=True)
 
 
 def _encode(table: RoleTable, key: str) -> dict:

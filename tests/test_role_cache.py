@@ -4,6 +4,7 @@ across the zoo; anything wrong with an entry or the cache folder falls back to d
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -123,6 +124,19 @@ def test_cache_off_writes_nothing(setting, tmp_path, monkeypatch):
     assert role_cache.cache_folder() is None and not any(tmp_path.iterdir())
 
 
+def test_cache_keeps_the_most_recently_used_entries(cache, monkeypatch):
+    config, keys = _llama()
+    key_of = lambda n: role_cache.entry_key(roles._config_key(config), keys[:n])
+    for n in (-1, -2, -3):
+        role_table(config, keys[:n])
+        os.utime(cache / f"{key_of(n)}.json", ns=(10**18 + n * 10**9,) * 2)  # stored long ago, in this order
+    monkeypatch.setattr(role_cache, "MAX_ENTRIES", 2)
+    assert role_cache.load(key_of(-2)) is not None  # a hit counts as a use
+    role_table(config, keys[:-4])
+    left = {p.stem for p in cache.glob("*.json")}
+    assert left == {key_of(-2), key_of(-4)}
+
+
 def test_default_location_follows_xdg(tmp_path, monkeypatch):
     monkeypatch.delenv("STREAM_READAPT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -165,6 +179,4 @@ def test_second_merge_skips_transformers_and_writes_the_same_bytes(llama_pair, l
 
 
 def _env() -> dict:
-    import os
-
     return dict(os.environ)

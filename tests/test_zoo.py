@@ -134,3 +134,35 @@ def test_unknown_family_is_refused_not_guessed(tmp_path, tmp_path_factory):
     with pytest.raises(CheckpointError, match=r"LoRE-Adapt needs the transformers classes of model_type 'made_up_arch'") as e:
         extract(tmp_path / "base", tmp_path / "instruct", tmp_path / "lore", rank=2, device="cpu")
     assert "\n" not in str(e.value) and not (tmp_path / "lore").exists()
+
+
+def _lore_targets(m: zoo.ZooModels):
+    """The LoRE targets extract_lore plans for a pair (all tensors, embeddings as LoRA)."""
+    from stream_readapt.checkpoint import Checkpoint
+    from stream_readapt.lore import classify, tied_head_copy
+    from stream_readapt.plan import plan_pairs, roles_of
+
+    phi, theta = Checkpoint.open(m.base), Checkpoint.open(m.instruct)
+    pairs = plan_pairs(phi, theta)
+    table = roles_of(phi, theta.names)
+    targets = classify(pairs, {p.name for p in pairs}, "lora", table)
+    return phi, table, targets + tied_head_copy(targets, theta, table)
+
+
+def test_dense_shortcut_plans_what_the_parameter_split_plans(family):
+    """LoRE skips the parameter-target split (a second meta build and PEFT's import) where the
+    role table rules experts and routers out; on every dense family the full split agrees."""
+    from stream_readapt.lore import may_have_param_targets
+    from stream_readapt.moe_extract import dense_plan, split_param_targets
+    from stream_readapt.naming import NameMap
+
+    phi, table, targets = _lore_targets(family)
+    assert not may_have_param_targets(targets, table)
+    assert split_param_targets(targets, NameMap.from_checkpoint(phi)) == dense_plan(targets)
+
+
+def test_moe_never_takes_the_dense_shortcut(mixtral):
+    from stream_readapt.lore import may_have_param_targets
+
+    _, table, targets = _lore_targets(mixtral)
+    assert may_have_param_targets(targets, table)
