@@ -17,6 +17,7 @@ Location: `$STREAM_READAPT_CACHE` (a folder; `off` disables the cache), else
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -26,7 +27,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from .jsonfile import load_json_object
 from .roles import Role, RoleTable, TensorRole
+from .safetensors_reader import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +59,20 @@ def entry_key(config_json: str, keys: list[str]) -> str | None:
         return None
     try:  # an edited checkout keeps its version string: its mtime tells the copies apart
         stamp = os.stat(spec.origin).st_mtime_ns
-        roles_source = Path(__file__).with_name("roles.py").read_bytes()
+        roles_digest = _roles_source_digest()
     except OSError:
         return None
     h = hashlib.sha256()
-    for part in (str(FORMAT), version, spec.origin, str(stamp), hashlib.sha256(roles_source).hexdigest(),
-                 config_json, "\n".join(keys)):
+    for part in (str(FORMAT), version, spec.origin, str(stamp), roles_digest, config_json, "\n".join(keys)):
         h.update(part.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()
+
+
+@functools.cache
+def _roles_source_digest() -> str:
+    """roles.py as this process imported it (read once: a run asks for several tables)."""
+    return hashlib.sha256(Path(__file__).with_name("roles.py").read_bytes()).hexdigest()
 
 
 def load(key: str) -> RoleTable | None:
@@ -74,16 +82,12 @@ def load(key: str) -> RoleTable | None:
         return None
     path = folder / f"{key}.json"
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_ENTRY_BYTES + 1)
-        if len(raw) > MAX_ENTRY_BYTES:
-            raise ValueError("too large")
-        table = _decode(json.loads(raw.decode("utf-8")), key)
+        table = _decode(load_json_object(path, limit=MAX_ENTRY_BYTES), key)
         os.utime(path)  # recently used: kept when the cache is trimmed
         return table
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError, KeyError) as e:  # corrupt or foreign: derive again
+    except (CheckpointError, OSError, ValueError, TypeError, KeyError) as e:  # corrupt or foreign: derive again
         logger.debug("role cache: ignoring %s (%s)", path, e)
         return None
 
@@ -125,8 +129,8 @@ def _encode(table: RoleTable, key: str) -> dict:
     return {"format": FORMAT, "key": key, "model_type": table.model_type, "roles": rows}
 
 
-def _decode(entry, key: str) -> RoleTable:
-    if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != key:
+def _decode(entry: dict, key: str) -> RoleTable:
+    if entry.get("format") != FORMAT or entry.get("key") != key:
         raise ValueError("another format or entry")
     roles = {}
     for row in entry["roles"]:
