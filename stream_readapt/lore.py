@@ -26,9 +26,8 @@ from .checkpoint import Checkpoint
 from .lowrank import LowRankFactors, randomized_svd
 from .manifest import ModuleStats, as_json, copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
 from .moe_extract import (
-    add_target_parameters, dense_plan, options_from, param_keys, split_param_targets, write_param_targets,
+    add_target_parameters, options_from, param_keys, plan_param_targets, write_param_targets,
 )
-from .naming import NameMap
 from .plan import Role, RoleTable, TensorPlan, plan_pairs, roles_of, select, ties_embeddings
 from .options import RunOptions
 from .ownership import raise_allocation_error
@@ -87,15 +86,6 @@ def layout_of(p: TensorPlan, embeddings: str) -> str:
 def classify(pairs: list[TensorPlan], chosen: set[str], embeddings: str, table: RoleTable) -> list[Target]:
     table.require_classes("LoRE-Adapt", names_suffice=True)
     return [Target(p, layout_of(p, embeddings)) for p in pairs if p.name in chosen]
-
-
-def may_have_param_targets(targets: list[Target], table: RoleTable) -> bool:
-    """Whether any target may need PEFT target_parameters: experts (fused or per expert), or a
-    low-rank candidate no layer class claims (role `other`: a router's bare matrix). A dense model's table, derived
-    from its classes, rules both out; a name-only table rules out nothing."""
-    if not table.derived or any(r.role is Role.EXPERTS for r in table.roles.values()):
-        return True
-    return any(t.role == "lora" and t.pair.kind in (Role.EXPERTS, Role.OTHER) for t in targets)
 
 
 def tied_head_copy(targets: list[Target], theta: Checkpoint, table: RoleTable) -> list[Target]:
@@ -165,8 +155,7 @@ def extract_lore(
         copies = tied_head_copy(targets, theta, table)
         targets += copies
         # Experts and non-Linear weights (routers) go in by PEFT target_parameters (moe_extract.py)
-        plan = (split_param_targets(targets, NameMap.from_checkpoint(phi)) if may_have_param_targets(targets, table)
-                else dense_plan(targets))
+        plan = plan_param_targets(targets, table, phi)
         targets, ptargets = plan.targets, plan.params
         if ptargets and profile != "peft":
             raise ValueError(f"--profile {profile} does not carry LoRAs on fused experts or routers (PEFT "

@@ -152,8 +152,7 @@ def _lore_targets(m: zoo.ZooModels):
 def test_dense_shortcut_plans_what_the_parameter_split_plans(family):
     """LoRE skips the parameter-target split (a second meta build and PEFT's import) where the
     role table rules experts and routers out; on every dense family the full split agrees."""
-    from stream_readapt.lore import may_have_param_targets
-    from stream_readapt.moe_extract import dense_plan, split_param_targets
+    from stream_readapt.moe_extract import dense_plan, may_have_param_targets, split_param_targets
     from stream_readapt.naming import NameMap
 
     phi, table, targets = _lore_targets(family)
@@ -162,7 +161,7 @@ def test_dense_shortcut_plans_what_the_parameter_split_plans(family):
 
 
 def test_moe_never_takes_the_dense_shortcut(mixtral):
-    from stream_readapt.lore import may_have_param_targets
+    from stream_readapt.moe_extract import may_have_param_targets
 
     _, table, targets = _lore_targets(mixtral)
     assert may_have_param_targets(targets, table)
