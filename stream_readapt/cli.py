@@ -10,6 +10,7 @@ import re
 import sys
 
 from . import __version__, signals
+from .optional import extra_for_error
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -222,12 +223,14 @@ def _main(argv: list[str] | None) -> int:
             message += f" (writing {args.output})"  # e.g. a full disk: say where
         print(f"stream-readapt {args.command}: error: {message}", file=sys.stderr)
         return 1
-    except Exception as e:  # a bug of ours: still one line, and the way to see more
-        if os.environ.get("STREAM_READAPT_DEBUG"):
-            raise
-        print(f"stream-readapt {args.command}: internal error: {e.__class__.__name__}: {str(e)[:300]} "
-              "(set STREAM_READAPT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+    except ImportError as e:  # an optional extra not installed: say which (anything else is a bug of ours)
+        message = extra_for_error(e)
+        if message is None:
+            return _internal_error(args, e)
+        print(f"stream-readapt {args.command}: error: {message}", file=sys.stderr)
         return 1
+    except Exception as e:
+        return _internal_error(args, e)
     if args.json:
         print(json.dumps(result if isinstance(result, dict) else {"text": result}, indent=2, default=str))
     elif isinstance(result, dict):
@@ -235,6 +238,15 @@ def _main(argv: list[str] | None) -> int:
     else:
         print(result)
     return 0
+
+
+def _internal_error(args, e: Exception) -> int:
+    """A bug of ours: still one line, and the way to see more."""
+    if os.environ.get("STREAM_READAPT_DEBUG"):
+        raise e
+    print(f"stream-readapt {args.command}: internal error: {e.__class__.__name__}: {str(e)[:300]} "
+          "(set STREAM_READAPT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+    return 1
 
 
 def summary(command: str, manifest: dict) -> str:

@@ -10,16 +10,16 @@ import logging
 import math
 import os
 
+from .optional import require
+
 logger = logging.getLogger(__name__)
 
 
 def _lm_eval():
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as e:
-        raise ValueError(f"--tasks needs lm-evaluation-harness ({e}); install it with pip install 'stream-readapt[eval]'") from None
+    lm_eval = require("lm_eval", "--tasks (lm-evaluation-harness)", extra="eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     return lm_eval, HFLM, TaskManager
 
 

@@ -25,6 +25,7 @@ from .eval_metrics import exact_match, rouge_l_recall
 from .eval_report import write_heatmap, write_json
 from .eval_retrieval import Retrieved, retrieve
 from .manifest import input_record, new_manifest
+from .optional import require
 from .peft_adapter import PeftAdapter
 from .sources import open_readapter
 from .streaming import check_scales, resolve_device, resolve_dtype
@@ -182,6 +183,7 @@ def evaluate(
     """
     sources = Sources(*(str(p) if p else None for p in (model, readapter, instruct, knowledge)))
     _check_sources(sources)
+    _check_extras(sources, retrieval, tasks)
     grid = scale_grid(alphas, betas, sources.adapted)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -202,6 +204,18 @@ def evaluate(
             write_json(tmp / "results.json", results)
     results["output"] = str(output)
     return results
+
+
+def _check_extras(sources: Sources, retrieval: str, tasks) -> None:
+    """Every optional package this run will import, checked before anything is loaded."""
+    require("transformers", "eval", extra="eval-qa")
+    require("rouge_score", "eval's ROUGE-L scoring", extra="eval-qa")
+    if sources.adapted:  # a grid: heatmap.png
+        require("matplotlib", "eval's heatmap", extra="eval-qa")
+    if retrieval == "bm25":
+        require("bm25s", "--retrieval bm25", extra="eval-qa")
+    if tasks:
+        require("lm_eval", "--tasks (lm-evaluation-harness)", extra="eval")
 
 
 def _questions_and_context(data, passages, retrieval: str):

@@ -25,6 +25,7 @@ import torch
 from .checkpoint import Checkpoint
 from .lowrank import LowRankFactors, randomized_svd
 from .manifest import ModuleStats, as_json, copy_side_files, input_record, new_manifest, safetensors_metadata, write_manifest
+from .optional import require
 from .moe_extract import (
     add_target_parameters, options_from, param_keys, plan_param_targets, write_param_targets,
 )
@@ -350,13 +351,10 @@ def format_module_summary(summary: dict) -> list[str]:
 
 def plot_spectra(folders: list[Path], path: str | os.PathLike) -> None:
     """Explained-variance curves per module with the chosen ranks marked (needs matplotlib)."""
-    try:
-        import matplotlib
+    matplotlib = require("matplotlib", "inspect --plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install 'stream-readapt[plot]'") from None
     from .manifest import read_manifest
 
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from .moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
 from .roles import Role, RoleTable
 from .naming import NameMap, ParamInfo, Piece
+from .optional import missing
 from .safetensors_reader import CheckpointError
 from .streaming import check_finite
 
@@ -65,9 +67,24 @@ def plan_param_targets(targets: list, table: RoleTable, base) -> ParamPlan:
     """The parameter targets of `targets` over checkpoint `base`. A model with none to find (see
     `may_have_param_targets`) skips the search: no NameMap (a second meta build) and no PEFT
     import, ~10 s of a dense 1B LoRE on 2 cores (measured)."""
-    if may_have_param_targets(targets, table):
-        return split_param_targets(targets, NameMap.from_checkpoint(base))
-    return dense_plan(targets)
+    if not may_have_param_targets(targets, table):
+        return dense_plan(targets)
+    if table.transformers_missing:  # names only: fine for a dense model, never a guess at experts
+        _refuse_experts_by_name(targets)
+        return dense_plan(targets)
+    return split_param_targets(targets, NameMap.from_checkpoint(base))
+
+
+# Names of mixture-of-experts tensors (experts, shared experts, routers) in the common families.
+_MOE_NAME = re.compile(r"\.(experts|shared_experts?|block_sparse_moe|router)\.|\.gate\.weight$")
+
+
+def _refuse_experts_by_name(targets: list) -> None:
+    """Without transformers there are no classes to say how PEFT reaches experts and routers:
+    a checkpoint that has them (by name, or any 3-D tensor) needs the `hf` extra."""
+    for t in targets:
+        if _MOE_NAME.search(t.pair.name) or len(t.pair.shape) > 2:
+            raise missing("transformers", f"LoRE-Adapt of {t.pair.name} (a mixture-of-experts tensor)")
 
 
 def may_have_param_targets(targets: list, table: RoleTable) -> bool:

@@ -18,6 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+from .optional import require
 from .safetensors_reader import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -90,14 +91,15 @@ class NameMap:
 def meta_model(config: dict, source: str = "config.json"):
     """The causal-LM class of `config`, built on the meta device (no memory); None if unknown."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not config.get("model_type"):
         return None
+    transformers = require("transformers", "placing checkpoint keys in transformers' parameters (experts, "
+                           "target_parameters)")
     try:
-        cfg = AutoConfig.for_model(**config)
+        cfg = transformers.AutoConfig.for_model(**config)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg)
+            return transformers.AutoModelForCausalLM.from_config(cfg)
     except (ValueError, KeyError, TypeError, ImportError) as e:  # unknown or custom-code architecture
         logger.warning("%s: transformers cannot build model_type %r (%s): names taken as they are",
                        source, config.get("model_type"), e)

@@ -25,6 +25,7 @@ from .kernels.readapt_linear import (
     fold_lowrank, readapt_linear_full, readapt_linear_full_ref, readapt_linear_lowrank, readapt_linear_lowrank_ref,
 )
 from .experts import dense_deltas
+from .optional import available, install_hint
 from .peft_adapter import PeftAdapter
 from .plan import bind_adapter
 from .roles import Role, table_of_model
@@ -345,6 +346,13 @@ def _merge_terms(into: dict[str, Terms], new: dict[str, Terms]) -> None:
 # ----------------------------------------------------------------------------- patching
 
 
+def _warn_without_kernels(model: nn.Module) -> None:
+    """On CUDA without Triton the layers run the PyTorch references: right, but slower."""
+    if any(p.is_cuda for p in model.parameters()) and not available("triton"):
+        logger.warning("triton is not installed: patched layers run the PyTorch references on CUDA "
+                       "(%s for the fused kernels)", install_hint("triton"))
+
+
 def patch_model(
     model: nn.Module,
     readapter: str | os.PathLike | None = None,
@@ -375,6 +383,7 @@ def patch_model(
     check_scales(alpha=alpha, beta=beta)
     if _is_patched(model):
         raise ValueError("model is already patched: change α and β with set_scales, or patch a freshly loaded base")
+    _warn_without_kernels(model)
     terms = load_terms(model, readapter, knowledge, ignore_base_mismatch=ignore_base_mismatch)
     _tie_lm_head(model, terms)
     for name, module in list(model.named_modules()):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
 
+from .optional import install_hint
 from .safetensors_reader import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class RoleTable:
     derived: bool = True  # False: names only (transformers missing or the model_type unknown)
     reason: str = ""  # why not derived
     unknown: bool = False  # transformers is there but cannot build this model_type: refuse, never guess
+    transformers_missing: bool = False  # names only because the `hf` extra is not installed
 
     def __post_init__(self):
         self._by_param = {r.param: r for r in self.roles.values()}
@@ -133,7 +135,8 @@ def role_table(config: dict, keys: list[str]) -> RoleTable:
     try:
         model, transforms = _meta_model(config_json)
     except ImportError as e:
-        return _fallback(config, keys, f"transformers is not installed ({e}); pip install 'stream-readapt[test]'")
+        return _fallback(config, keys, f"transformers is not installed ({e}): {install_hint('transformers')}",
+                         transformers_missing=True)
     except Exception as e:  # an unknown model_type or a config transformers rejects
         first = (str(e).splitlines() or [""])[0][:160]
         return _fallback(config, keys, f"transformers cannot build it ({type(e).__name__}: {first})", unknown=True)
@@ -292,7 +295,8 @@ def _reverse_names(model, transforms) -> list[str]:
         return list(state)
 
 
-def _fallback(config: dict, keys: list[str], reason: str, *, unknown: bool = False) -> RoleTable:
+def _fallback(config: dict, keys: list[str], reason: str, *, unknown: bool = False,
+              transformers_missing: bool = False) -> RoleTable:
     """Roles from names alone: vocabulary tensors by their usual names, biases by suffix."""
     model_type = config.get("model_type") or "?"
     roles = {}
@@ -311,7 +315,8 @@ def _fallback(config: dict, keys: list[str], reason: str, *, unknown: bool = Fal
         if embed:
             roles["lm_head.weight"] = TensorRole("lm_head.weight", "lm_head.weight", Role.LM_HEAD, tied_to=embed)
     logger.debug("role table for %s from names only: %s", model_type, reason)
-    return RoleTable(model_type, roles, derived=False, reason=reason, unknown=unknown)
+    return RoleTable(model_type, roles, derived=False, reason=reason, unknown=unknown,
+                     transformers_missing=transformers_missing)
 
 
 def is_vocab_key(key: str) -> bool:
