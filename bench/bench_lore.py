@@ -44,10 +44,10 @@ import make_checkpoints as mc
 import torch
 from bench_merge import stream_readapt_cmd
 
-from stream_readapt.checkpoint import Checkpoint
-from stream_readapt.lore import format_module_summary, summarize_modules
-from stream_readapt.manifest import read_manifest
-from stream_readapt.peft_adapter import PeftAdapter
+from stream_readapt.io.checkpoint import Checkpoint
+from stream_readapt.lowrank.svd.lore import format_module_summary, summarize_modules
+from stream_readapt.engine.manifest import read_manifest
+from stream_readapt.terms.peft_adapter import PeftAdapter
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-extract-lora"

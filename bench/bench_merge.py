@@ -31,7 +31,7 @@ import make_checkpoints as mc
 import merge_check as check
 import torch
 
-from stream_readapt.checkpoint import Checkpoint
+from stream_readapt.io.checkpoint import Checkpoint
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-yaml"

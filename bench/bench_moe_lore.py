@@ -1,5 +1,5 @@
 """LoRE of one Qwen3-30B-A3B-shaped MoE layer on the CPU: batched randomized SVD per expert
-(`stream_readapt.moe_lore`) vs a per-expert loop of `torch.linalg.svd`.
+(`stream_readapt.lowrank.moe_lore`) vs a per-expert loop of `torch.linalg.svd`.
 
 Shapes from Qwen3-30B-A3B's config: hidden 2048, moe_intermediate 768, 128 experts, so per
 expert gate_up_proj [1536, 2048] and down_proj [2048, 768]. Synthetic Δ per expert with a
@@ -42,7 +42,7 @@ def chunks(experts: int, chunk: int, shape):
 
 
 def child_ours(args) -> dict:
-    from stream_readapt.moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
+    from stream_readapt.lowrank.svd.moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
 
     out = {}
     for name, shape in SHAPES.items():

@@ -227,7 +227,7 @@ def load_kernels(interpret: bool):
     global rl
     if interpret:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from stream_readapt.kernels import readapt_linear
+    from stream_readapt.live import readapt_linear
 
     rl = readapt_linear
 

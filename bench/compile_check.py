@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
 
 import triton  # noqa: E402
-from stream_readapt.kernels import readapt_linear as rl  # noqa: E402
+from stream_readapt.live import readapt_linear as rl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 

@@ -13,7 +13,7 @@ OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 # Nothing can be downloaded there: fall back to the image's own setuptools if isolation fails.
 pip install -q --no-deps -e . >/dev/null 2>&1 || pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-python -c "import stream_readapt.kernels" || { echo "gpu_check: stream_readapt did not install" | tee "$OUT/gpu.txt"; exit 1; }
+python -c "import stream_readapt.live" || { echo "gpu_check: stream_readapt did not install" | tee "$OUT/gpu.txt"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     2>&1 | tee "$OUT/gpu.txt"

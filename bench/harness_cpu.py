@@ -76,13 +76,13 @@ def role_cache_env(mode: str, folder: Path) -> dict[str, str]:
 def prime_role_cache(folder: Path, base: Path, instruct: Path, lora: Path | None = None) -> None:
     """Plan a merge / extract of these inputs once, untimed, so their role tables are cached."""
     code = ("import sys\n"
-            "from stream_readapt.checkpoint import Checkpoint\n"
-            "from stream_readapt.sources import InstructDelta\n"
+            "from stream_readapt.io.checkpoint import Checkpoint\n"
+            "from stream_readapt.deltas.sources import InstructDelta\n"
             "phi = Checkpoint.open(sys.argv[1])\n"
             "InstructDelta(Checkpoint.open(sys.argv[2])).plan(phi)\n"
             "if len(sys.argv) > 3:\n"
-            "    from stream_readapt.peft_adapter import PeftAdapter\n"
-            "    from stream_readapt.plan import bind_adapter\n"
+            "    from stream_readapt.terms.peft_adapter import PeftAdapter\n"
+            "    from stream_readapt.arch.plan import bind_adapter\n"
             "    bind_adapter(PeftAdapter(sys.argv[3]), phi)\n")
     args = [str(base), str(instruct)] + ([str(lora)] if lora else [])
     subprocess.run([sys.executable, "-c", code, *args], check=True, env=role_cache_env("warm", folder))

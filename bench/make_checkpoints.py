@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from stream_readapt.writer import (
+from stream_readapt.io.writer import (
     CheckpointWriter,
     OutputFolder,
     PlannedTensor,

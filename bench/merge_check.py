@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from stream_readapt.checkpoint import Checkpoint
+from stream_readapt.io.checkpoint import Checkpoint
 
 ROWS_PER_BLOCK_ELEMS = 2**22
 MAX_CHECKED_ELEMS = 2**26  # per tensor: larger tensors are checked on evenly spaced row blocks

@@ -5,11 +5,11 @@ A synthetic world of people with a city, a job and a pet:
 1. base Φ: a small Llama pretrained (next-token loss) on documents stating the facts of the
    "old" people, each fact in several paraphrases;
 2. instruct Θ: Φ fine-tuned on chat-formatted QA about half the old people, closed-book and
-   with the fact sheet as context (the format `stream_readapt.evaluate` prompts with);
+   with the fact sheet as context (the format `stream_readapt.eval.evaluate` prompts with);
 3. knowledge Ψ: a PEFT LoRA trained on Φ (not Θ) with documents about "new" people;
 4. RE-Adapter Δ = Θ − Φ (`extract`), LoRE-Adapter (`extract --energy 0.5`).
 
-Then `stream_readapt.evaluate` scores QA about the new people, closed-book and with the oracle
+Then `stream_readapt.eval.evaluate` scores QA about the new people, closed-book and with the oracle
 passage, for Instruct, Instruct + knowledge (Θ + Ψ), RE-Adapt and LoRE-Adapt (α = β = 0.5), and
 draws the α × β heatmap of RE-Adapt. Everything is built here; nothing is downloaded.
 
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from stream_readapt import evaluate, extract
-from stream_readapt.eval_data import Passage, Question
-from stream_readapt.eval_generate import Generator
+from stream_readapt.eval.data import Passage, Question
+from stream_readapt.eval.generate import Generator
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant{% endif %}")

@@ -1,6 +1,6 @@
 """Where a merge's CPU time goes, one row block at a time: today's op sequence vs a fused one.
 
-Times the per-block arithmetic of `stream_readapt.merge` (Ω = lerp(Φ, Θ, β) + α·s·B·A,
+Times the per-block arithmetic of `stream_readapt.engine.merge` (Ω = lerp(Φ, Θ, β) + α·s·B·A,
 finite check, cast to bf16) on synthetic bf16 blocks of a few sizes, with no file I/O:
   current  the sequence merge.py / sources.py / peft_adapter.py ran at cf0edec (fresh fp32
            tensors per step, separate mul_ / add_, `isfinite(x).all()`);

@@ -4,25 +4,12 @@
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
-_LAZY = {"extract": "extract", "merge": "merge", "patch_model": "patch", "set_scales": "patch", "evaluate": "evaluate"}
-
-
-class _Package(types.ModuleType):
-    """`stream_readapt.merge` / `.extract` / `.evaluate` stay the functions once their modules are
-    imported (the import system would set the attribute to the submodule)."""
-
-    def __setattr__(self, name, value):
-        if _LAZY.get(name) == name and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+# public name -> the module that defines it (under this package)
+_LAZY = {"extract": "engine.extract", "merge": "engine.merge", "patch_model": "live.patch", "set_scales": "live.patch",
+         "evaluate": "eval.evaluate"}
 
 
 def __getattr__(name):

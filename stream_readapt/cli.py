@@ -9,7 +9,8 @@ import os
 import re
 import sys
 
-from . import __version__, signals
+from . import __version__
+from .io import signals
 from .optional import extra_for_error
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args) -> dict | str:
     if args.command == "extract":
-        from .extract import extract
+        from .engine.extract import extract
 
         lore = {"max_rank": args.max_rank, "embeddings": args.embeddings, "seed": args.seed, "profile": args.profile}
         low_rank = args.energy is not None or args.rank is not None or args.max_error is not None
@@ -166,7 +167,7 @@ def _run(args) -> dict | str:
             quiet=args.quiet, resume=args.resume, **(lore if low_rank else {}),
         )
     if args.command == "merge":
-        from .merge import merge
+        from .engine.merge import merge
 
         return merge(
             args.base, args.output, instruct=args.instruct, readapter=args.readapter, knowledge=args.knowledge,
@@ -175,11 +176,11 @@ def _run(args) -> dict | str:
             ignore_base_mismatch=args.ignore_base_mismatch, quiet=args.quiet, resume=args.resume,
         )
     if args.command == "inspect" and args.check:
-        from .serving_check import check_report
+        from .serving.check import check_report
 
         return check_report(args.paths, args.check)
     if args.command == "eval":
-        from .evaluate import evaluate
+        from .eval.evaluate import evaluate
 
         return evaluate(
             args.model, args.data, args.output, readapter=args.readapter, instruct=args.instruct,
@@ -254,7 +255,7 @@ def summary(command: str, manifest: dict) -> str:
     if "text" in manifest:
         return manifest["text"]
     if command == "eval":
-        from .eval_report import format_table
+        from .eval.report import format_table
 
         return format_table(manifest)
     kind = manifest.get("kind")

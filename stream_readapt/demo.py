@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
-from .writer import CheckpointWriter, PlannedTensor, SafetensorsShardWriter, shards_by_size
+from .io.checkpoint import Checkpoint
+from .io.writer import CheckpointWriter, PlannedTensor, SafetensorsShardWriter, shards_by_size
+from .peft_format.format import PREFIX
 
 HIDDEN, FFN, LAYERS, VOCAB, ADDED = 64, 176, 2, 256, 2
 CONFIG = {
@@ -83,8 +84,8 @@ def make_lora(folder: Path, base: dict, gen: torch.Generator, r: int = 8, alpha:
             module = name[: -len(".weight")]
             A = 0.1 * torch.randn(r, w.shape[1], generator=gen)
             B = 0.1 * torch.randn(w.shape[0], r, generator=gen)
-            tensors[f"base_model.model.{module}.lora_A.weight"] = A
-            tensors[f"base_model.model.{module}.lora_B.weight"] = B
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = A
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = B
             psi[name] = (alpha / r) * B.double() @ A.double()
     with SafetensorsShardWriter(folder / "adapter_model.safetensors", tensors, {"format": "pt"}) as w:
         for n, t in tensors.items():
@@ -114,8 +115,8 @@ def max_error(folder: Path, expected: dict) -> float:
 
 def run_demo(workdir: str | None = None, quiet: bool = True) -> dict:  # noqa: C901 - a script, read top to bottom
     """Run the pipeline in `workdir` (a temporary folder if None); returns what was done."""
-    from .extract import extract
-    from .merge import merge
+    from .engine.extract import extract
+    from .engine.merge import merge
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="stream-readapt-demo-"))
     lines = []

@@ -7,10 +7,10 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import Checkpoint
-from .manifest import read_manifest
-from .peft_adapter import PeftAdapter
-from .safetensors_reader import DTYPE_NAMES
+from .engine.manifest import read_manifest
+from .io.checkpoint import Checkpoint
+from .io.safetensors_reader import DTYPE_NAMES
+from .terms.peft_adapter import PeftAdapter
 
 
 def describe(path: str | os.PathLike, *, tensors: bool = False) -> dict:
@@ -40,7 +40,7 @@ def describe(path: str | os.PathLike, *, tensors: bool = False) -> dict:
     if manifest:
         out["manifest"] = {k: v for k, v in manifest.items() if k not in ("tensors", "modules")}
         if "modules" in manifest:
-            from .lore import summarize_modules
+            from .lowrank.lore import summarize_modules
 
             out["lore"] = summarize_modules(manifest["modules"])
     return out
@@ -73,7 +73,7 @@ def format_summary(info: dict) -> str:
             f"{', DoRA' if a['dora'] else ''}{', rsLoRA' if a['rslora'] else ''}, full tensors: {len(a['full_tensors'])}"
         )
     if "lore" in info:
-        from .lore import format_module_summary
+        from .lowrank.lore import format_module_summary
 
         lines.extend(format_module_summary(info["lore"]))
     if "manifest" in info:
@@ -91,7 +91,7 @@ def inspect_paths(paths: list[str], *, tensors: bool = False, plot: str | None =
     """Describe every path; with `plot`, draw LoRE spectra. Returns {"items": [...], "text": ...}."""
     items = [describe(p, tensors=tensors) for p in paths]
     if plot:
-        from .lore import plot_spectra
+        from .lowrank.lore import plot_spectra
 
         plot_spectra([Path(p) for p in paths], plot)
     return {"items": items, "text": "\n".join(format_summary(i) for i in items)}

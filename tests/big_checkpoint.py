@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from stream_readapt.writer import CheckpointWriter
+from stream_readapt.io.writer import CheckpointWriter
 
 ROWS, COLS = 40_000, 4096  # model.embed_tokens.weight: 328 MB in bf16, 655 MB in float32
 BLOCK_ROWS = 2_000

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import fixtures_models as fm
 from stream_readapt import merge
-from stream_readapt.safetensors_reader import CheckpointError
+from stream_readapt.io.safetensors_reader import CheckpointError
 
 P = "base_model.model."
 Q = "model.layers.0.self_attn.q_proj"  # a module every fixture adapter targets

@@ -19,7 +19,7 @@ import pytest
 
 from sharded_pair import build_sharded_pair, output_bytes
 from stream_readapt import extract, merge
-from stream_readapt.ownership import JOURNAL_FILE, OWNER_FILE
+from stream_readapt.io.ownership import JOURNAL_FILE, OWNER_FILE
 
 SEED = int(os.environ.get("STREAM_READAPT_TEST_SEED", "0")) or random.randrange(1, 10**6)
 
@@ -177,7 +177,7 @@ def test_resume_refuses_other_options(pair, tmp_path):
 
 def test_resume_rewrites_a_recorded_shard_that_was_damaged(pair, reference, tmp_path, monkeypatch, caplog):
     """Sizes and checksums are verified on resume: a shard altered after it was recorded is redone."""
-    from stream_readapt.writer import CheckpointWriter
+    from stream_readapt.io.writer import CheckpointWriter
 
     begin = CheckpointWriter.begin
 

@@ -16,13 +16,13 @@ import torch
 
 import fixtures_models as fm
 from stream_readapt import merge
-from stream_readapt.checkpoint import Checkpoint
+from stream_readapt.io.checkpoint import Checkpoint
 from stream_readapt.cli import main
-from stream_readapt.jsonfile import load_json_object
-from stream_readapt.ownership import OWNER_FILE, OutputFolder
-from stream_readapt.peft_adapter import PeftAdapter
-from stream_readapt.safetensors_reader import CheckpointError
-from stream_readapt.writer import CheckpointWriter
+from stream_readapt.io.jsonfile import load_json_object
+from stream_readapt.io.ownership import OWNER_FILE, OutputFolder
+from stream_readapt.terms.peft_adapter import PeftAdapter
+from stream_readapt.io.safetensors_reader import CheckpointError
+from stream_readapt.io.writer import CheckpointWriter
 
 
 def partials(out):
@@ -247,7 +247,7 @@ def test_warns_when_the_config_names_another_base(llama_pair, lora_adapter, tmp_
 
 
 def test_lore_allocation_failure_names_the_tensor(llama_pair, tmp_path, capsys, monkeypatch):
-    import stream_readapt.lore as lore
+    import stream_readapt.lowrank.lore as lore
 
     def no_memory(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: "

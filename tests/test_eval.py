@@ -9,9 +9,9 @@ import pytest
 
 from stream_readapt import evaluate, extract, merge
 from stream_readapt.cli import main
-from stream_readapt.eval_data import Passage, Question, load_questions
-from stream_readapt.eval_metrics import exact_match, normalize_answer, rouge_l_recall
-from stream_readapt.eval_retrieval import retrieve
+from stream_readapt.eval.data import Passage, Question, load_questions
+from stream_readapt.eval.metrics import exact_match, normalize_answer, rouge_l_recall
+from stream_readapt.eval.retrieval import retrieve
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 

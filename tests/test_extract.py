@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import fixtures_models as fm
 from stream_readapt import extract
-from stream_readapt.checkpoint import Checkpoint
+from stream_readapt.io.checkpoint import Checkpoint
 
 
 def load_readapter(folder) -> dict[str, torch.Tensor]:

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stream_readapt import extract, merge
-from stream_readapt.checkpoint import Checkpoint
-from stream_readapt.safetensors_reader import CheckpointError, SafetensorsFile
+from stream_readapt.io.checkpoint import Checkpoint
+from stream_readapt.io.safetensors_reader import CheckpointError, SafetensorsFile
 from test_errors import assert_fails, run_cli
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"

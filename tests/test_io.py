@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stream_readapt.checkpoint import Checkpoint
-from stream_readapt.safetensors_reader import CheckpointError, SafetensorsFile
-from stream_readapt.writer import (
+from stream_readapt.io.checkpoint import Checkpoint
+from stream_readapt.io.safetensors_reader import CheckpointError, SafetensorsFile
+from stream_readapt.io.writer import (
     CheckpointWriter, OutputFolder, PlannedTensor, SafetensorsShardWriter, shard_file_names, shards_by_size, shards_like,
 )
 
@@ -165,7 +165,7 @@ def _open_in_subprocess(hf_home, target: str):
     import subprocess
     import sys
 
-    code = f"from stream_readapt.checkpoint import Checkpoint; c = Checkpoint.open({target!r}, revision='main'); print(c.names)"
+    code = f"from stream_readapt.io.checkpoint import Checkpoint; c = Checkpoint.open({target!r}, revision='main'); print(c.names)"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home))
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 

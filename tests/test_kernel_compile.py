@@ -18,7 +18,7 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, "bench")
 import compile_check as cc
-from stream_readapt.kernels.readapt_linear_tuning import FP32_CONFIG, TileConfig, shrink_config
+from stream_readapt.live.readapt_linear_tuning import FP32_CONFIG, TileConfig, shrink_config
 print(json.dumps([
     cc.compile_one(TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, swap_ab=True), "full", "bf16"),
     cc.compile_one(TileConfig(16, 64, 128, group_m=1, num_warps=4, num_stages=4, swap_ab=True), "lowrank", "bf16"),

@@ -50,8 +50,8 @@ def test_merge_knowledge_matches_peft_merge_and_unload(moe, arch, tmp_path):
 
 def test_rank_per_expert_is_not_refused(moe):
     """r = 4 with lora_A of 16 rows (4 experts): PEFT loads it, so must we."""
-    from stream_readapt.checkpoint import Checkpoint
-    from stream_readapt.peft_adapter import PeftAdapter
+    from stream_readapt.io.checkpoint import Checkpoint
+    from stream_readapt.terms.peft_adapter import PeftAdapter
 
     pair, lora = moe["qwen3_moe"]
     adapter = PeftAdapter(lora)
@@ -149,7 +149,7 @@ def test_expert_adapter_with_wrong_rank_is_refused(moe, tmp_path):
     """A config rank that does not divide the factors over the experts: one line naming the parameter."""
     import shutil
 
-    from stream_readapt.safetensors_reader import CheckpointError
+    from stream_readapt.io.safetensors_reader import CheckpointError
 
     pair, lora = moe["mixtral"]
     bad = tmp_path / "bad"

@@ -5,8 +5,8 @@ import torch
 
 from fixtures_moe import MOE_ARCHS, build_moe_pair
 from fixtures_models import build_llama_pair
-from stream_readapt.checkpoint import Checkpoint
-from stream_readapt.naming import NameMap
+from stream_readapt.io.checkpoint import Checkpoint
+from stream_readapt.arch.naming import NameMap
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stream_readapt import extract, merge, patch_model, set_scales
-from stream_readapt.patch import ReadaptEmbedding, ReadaptLinear, recorded_base_norms
-from stream_readapt.safetensors_reader import CheckpointError
+from stream_readapt.live.patch import ReadaptEmbedding, ReadaptLinear, recorded_base_norms
+from stream_readapt.io.safetensors_reader import CheckpointError
 
 IDS = torch.tensor([[1, 5, 9, 42, 7, 299, 3, 17]])
 

@@ -1,4 +1,4 @@
-"""kernels/readapt_linear.py on the CPU: Triton kernels through the interpreter, the plain-PyTorch
+"""stream_readapt/live/readapt_linear.py on the CPU: Triton kernels through the interpreter, the plain-PyTorch
 references and `fold_lowrank`, all against float64. bf16 and large shapes: test_readapt_linear_gpu.py.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from stream_readapt.kernels import readapt_linear as rl  # noqa: E402
+from stream_readapt.live import readapt_linear as rl  # noqa: E402
 from utils_compare import assert_rel_close  # noqa: E402
 
 # Interpreter on the CPU; on a CUDA machine without TRITON_INTERPRET the same tests run compiled.
@@ -260,7 +260,7 @@ def test_full_reference_leaves_fp32_weight_untouched():
 FALLBACK_SCRIPT = """
 import sys, torch
 {setup}
-from stream_readapt.kernels import readapt_linear as rl
+from stream_readapt.live import readapt_linear as rl
 x, w, d = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 3)
 assert not rl._use_triton(x), rl.TRITON_MODE
 assert torch.equal(rl.readapt_linear_full(x, w, d, 0.5), rl.readapt_linear_full_ref(x, w, d, 0.5))

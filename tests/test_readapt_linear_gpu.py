@@ -1,4 +1,4 @@
-"""kernels/readapt_linear.py compiled on a GPU: bf16 (broken in the interpreter) and Llama-sized
+"""stream_readapt/live/readapt_linear.py compiled on a GPU: bf16 (broken in the interpreter) and Llama-sized
 shapes, against float64. Never runs under TRITON_INTERPRET; the CPU suite is test_readapt_linear.py.
 """
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stream_readapt.kernels import readapt_linear as rl
+from stream_readapt.live import readapt_linear as rl
 from utils_compare import assert_rel_close
 
 pytestmark = [

@@ -13,8 +13,8 @@ import pytest
 
 import fixtures_moe
 import zoo
-from stream_readapt import role_cache, roles
-from stream_readapt.roles import role_table
+from stream_readapt.arch import role_cache, roles
+from stream_readapt.arch.roles import role_table
 
 pytest.importorskip("transformers")
 
@@ -40,7 +40,7 @@ def _no_derivation(monkeypatch):
     def refuse(_config_json):
         raise AssertionError("the table was derived again instead of read from the cache")
 
-    monkeypatch.setattr(roles, "_meta_model", refuse)
+    monkeypatch.setattr(roles, "meta_build", refuse)
 
 
 def _same(a: roles.RoleTable, b: roles.RoleTable) -> None:
@@ -90,9 +90,9 @@ def test_damaged_entry_is_derived_again_and_replaced(damage, cache):
 
 def test_entry_depends_on_config_keys_transformers_and_roles_source(cache, monkeypatch):
     config, keys = _llama()
-    text = roles._config_key(config)
+    text = roles.config_key(config)
     key = role_cache.entry_key(text, keys)
-    other_config = roles._config_key({**config, "tie_word_embeddings": not config["tie_word_embeddings"]})
+    other_config = roles.config_key({**config, "tie_word_embeddings": not config["tie_word_embeddings"]})
     assert role_cache.entry_key(other_config, keys) != key
     assert role_cache.entry_key(text, keys[:-1]) != key
     monkeypatch.setattr(role_cache.importlib.metadata, "version", lambda name: "0.0.0-another")
@@ -131,7 +131,7 @@ def test_cache_off_writes_nothing(setting, tmp_path, monkeypatch):
 
 def test_cache_keeps_the_most_recently_used_entries(cache, monkeypatch):
     config, keys = _llama()
-    key_of = lambda n: role_cache.entry_key(roles._config_key(config), keys[:n])
+    key_of = lambda n: role_cache.entry_key(roles.config_key(config), keys[:n])
     for n in (-1, -2, -3):
         role_table(config, keys[:n])
         os.utime(cache / f"{key_of(n)}.json", ns=(10**18 + n * 10**9,) * 2)  # stored long ago, in this order

@@ -8,8 +8,8 @@ import pytest
 
 import fixtures_models as fm
 import zoo
-from stream_readapt import roles
-from stream_readapt.roles import Role, role_table
+from stream_readapt.arch import roles
+from stream_readapt.arch.roles import Role, role_table
 
 pytest.importorskip("transformers")
 
@@ -47,7 +47,7 @@ def test_names_only_without_transformers(monkeypatch):
     def missing(_):
         raise ImportError("No module named 'transformers'")
 
-    monkeypatch.setattr(roles, "_meta_model", missing)
+    monkeypatch.setattr(roles, "meta_build", missing)
     t = role_table({"model_type": "llama", "tie_word_embeddings": True}, ["model.embed_tokens.weight", "x.bias"])
     assert not t.derived and not t.unknown and "not installed" in t.reason
     assert t.lm_head.tied_to == "model.embed_tokens.weight" and t.of("x.bias").role is Role.BIAS

@@ -13,7 +13,7 @@ import consumers
 import fixtures_models as fm
 from stream_readapt import extract
 from stream_readapt.cli import main
-from stream_readapt.serving_check import check_adapter
+from stream_readapt.serving.profiles.check import check_adapter
 
 PROFILES = ["vllm", "sglang", "llama.cpp", "portable"]
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -115,9 +115,9 @@ def test_added_tokens_refused_with_the_way_out(llama_added_tokens_pair, tmp_path
 
 
 def test_dropped_named_in_one_warning(llama_pair, tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="stream_readapt.serving"):
+    with caplog.at_level("WARNING", logger="stream_readapt.serving.profiles"):
         extract(llama_pair.base, llama_pair.instruct, tmp_path / "p", rank=3, device="cpu", profile="portable")
-    warnings = [r for r in caplog.records if r.name == "stream_readapt.serving"]
+    warnings = [r for r in caplog.records if r.name == "stream_readapt.serving.profiles"]
     assert len(warnings) == 1 and "input_layernorm.weight" in warnings[0].getMessage() and "%" in warnings[0].getMessage()
 
 

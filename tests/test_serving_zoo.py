@@ -50,6 +50,6 @@ def test_portable_profile_is_served_as_peft_applies_it(family, vllm, tmp_path): 
 def _table(family):
     import json
 
-    from stream_readapt.roles import role_table
+    from stream_readapt.arch.roles import role_table
 
     return role_table(json.loads((family.base / "config.json").read_text()), fm.checkpoint_keys(family.base))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stream_readapt.writer import CheckpointWriter, OutputFolder, SafetensorsShardWriter, check_layout
+from stream_readapt.io.writer import CheckpointWriter, OutputFolder, SafetensorsShardWriter, check_layout
 
 
 def test_duplicate_name_refused_and_nothing_left(tmp_path):

@@ -99,7 +99,7 @@ def mixtral(tmp_path_factory):
 def test_full_readapter_patch_on_moe_refuses_in_one_line(mixtral, tmp_path):
     """patch_model reaches fused experts through LoRE-Adapters (tests/test_moe.py); a full
     RE-Adapter keyed by per-expert checkpoint tensors is refused, naming the way out."""
-    from stream_readapt.safetensors_reader import CheckpointError
+    from stream_readapt.io.safetensors_reader import CheckpointError
 
     extract(mixtral.base, mixtral.instruct, tmp_path / "full", dtype="float32", device="cpu")
     with pytest.raises(CheckpointError, match="LoRE-Adapter") as e:
@@ -122,7 +122,7 @@ def test_unknown_family_is_refused_not_guessed(tmp_path, tmp_path_factory):
     import json
     import shutil
 
-    from stream_readapt.safetensors_reader import CheckpointError
+    from stream_readapt.io.safetensors_reader import CheckpointError
 
     pytest.importorskip("peft")
     m = _models("llama", tmp_path_factory)
@@ -138,9 +138,9 @@ def test_unknown_family_is_refused_not_guessed(tmp_path, tmp_path_factory):
 
 def _lore_targets(m: zoo.ZooModels):
     """The LoRE targets extract_lore plans for a pair (all tensors, embeddings as LoRA)."""
-    from stream_readapt.checkpoint import Checkpoint
-    from stream_readapt.lore import classify, tied_head_copy
-    from stream_readapt.plan import plan_pairs, roles_of
+    from stream_readapt.io.checkpoint import Checkpoint
+    from stream_readapt.lowrank.svd.lore import classify, tied_head_copy
+    from stream_readapt.arch.plan import plan_pairs, roles_of
 
     phi, theta = Checkpoint.open(m.base), Checkpoint.open(m.instruct)
     pairs = plan_pairs(phi, theta)
@@ -152,8 +152,8 @@ def _lore_targets(m: zoo.ZooModels):
 def test_dense_shortcut_plans_what_the_parameter_split_plans(family):
     """LoRE skips the parameter-target split (a second meta build and PEFT's import) where the
     role table rules experts and routers out; on every dense family the full split agrees."""
-    from stream_readapt.moe_extract import dense_plan, may_have_param_targets, split_param_targets
-    from stream_readapt.naming import NameMap
+    from stream_readapt.lowrank.svd.param_targets import dense_plan, may_have_param_targets, split_param_targets
+    from stream_readapt.arch.naming import NameMap
 
     phi, table, targets = _lore_targets(family)
     assert not may_have_param_targets(targets, table)
@@ -161,7 +161,7 @@ def test_dense_shortcut_plans_what_the_parameter_split_plans(family):
 
 
 def test_moe_never_takes_the_dense_shortcut(mixtral):
-    from stream_readapt.moe_extract import may_have_param_targets
+    from stream_readapt.lowrank.svd.param_targets import may_have_param_targets
 
     _, table, targets = _lore_targets(mixtral)
     assert may_have_param_targets(targets, table)

@@ -1,0 +1,44 @@
+"""The model of a config, built once per run on the meta device (no memory, no weights).
+
+Everything that asks what a checkpoint's tensors *are* (the role table, the key <-> parameter
+map of fused experts) reads this one build: transformers is imported and the model class
+instantiated at most once per config and process.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+# config.json entries that say how a checkpoint was saved, not what the model is
+_SAVE_ONLY = ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
+
+
+def config_key(config: dict) -> str:
+    """The canonical JSON of a config (the cache key of its build and of its role table)."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def meta_build(config: dict):
+    """(model, transformers' conversion mapping) for `config`, built on the meta device.
+
+    Raises ImportError without transformers, and transformers' own error for a config it cannot
+    build (an unknown model_type, custom code); callers decide what that means for them.
+    """
+    return _build(config_key(config))
+
+
+@lru_cache(maxsize=8)
+def _build(config_json: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    config = dict(json.loads(config_json))
+    model_type = config.pop("model_type")
+    for k in _SAVE_ONLY:
+        config.pop(k, None)
+    cfg = AutoConfig.for_model(model_type, **config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model, get_model_conversion_mapping(model, add_legacy=True)

@@ -1,0 +1,1 @@
+"""The PEFT adapter format: key names, scaling, config checks."""

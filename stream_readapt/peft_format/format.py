@@ -1,0 +1,38 @@
+"""The PEFT LoRA adapter format, in one place: key names, pattern matching, scaling.
+
+Saved tensor names (PEFT 0.13 - 0.21) are the in-memory parameter names of the wrapped model
+behind `base_model.model.`: `<module>.lora_A.weight` [r, in], `<module>.lora_B.weight` [out, r],
+`<module>.lora_embedding_A` [r, vocab], `<module>.lora_embedding_B` [dim, r].
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
+LINEAR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # (A, B) of a Linear / Conv1D / ParamWrapper
+EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")  # (A, B) of an nn.Embedding
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """PEFT's `get_pattern_key`: first key whose regex matches the end of the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def lora_scaling(alpha: float, r: int, *, rslora: bool) -> float:
+    """PEFT's LoRA scaling: alpha / r, or alpha / √r for rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def config_scaling(config: dict, module: str) -> float:
+    """The scaling of `module` under an adapter_config.json (rank_pattern / alpha_pattern by
+    PEFT's key matching, else r / lora_alpha; rsLoRA honoured)."""
+    r_key = pattern_key(config.get("rank_pattern") or {}, module)
+    a_key = pattern_key(config.get("alpha_pattern") or {}, module)
+    r = config["rank_pattern"][r_key] if r_key else config["r"]
+    alpha = config["alpha_pattern"][a_key] if a_key else config["lora_alpha"]
+    return lora_scaling(alpha, r, rslora=bool(config.get("use_rslora")))

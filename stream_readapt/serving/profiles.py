@@ -1,0 +1,264 @@
+"""Serving profiles: rewrite a full-fidelity PEFT LoRE-Adapter for one consumer.
+
+A PEFT adapter can carry things servers ignore or refuse (modules_to_save, biases,
+per-module alpha). A profile says what its consumer carries; `apply_profile`
+rewrites the adapter folder so that consumer loads it unchanged and applies the
+same Δ PEFT would:
+
+- one global `lora_alpha = r = R` (R: the largest rank kept) and `rank_pattern` for
+  the modules whose rank differs, no `alpha_pattern`; each B is pre-scaled by
+  s_m·r_m/R (s_m: the module's PEFT scaling), so PEFT, vLLM (`PEFTHelper.
+  get_rank_and_scaling`: alpha/rank from the patterns) and llama.cpp (alpha over each
+  tensor's own rank, llama-adapter.cpp) all compute s·B·A = the intended Δ;
+- `uniform_rank` profiles (SGLang reads one `r`) zero-pad every module to R;
+- what is dropped (norm / bias Δ, full tensors, embedding or head LoRA) is named in
+  one warning with its share of the adapter's ‖Δ‖_F and recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..io.writer import SafetensorsShardWriter
+from ..peft_format.format import EMBEDDING_SUFFIXES, LINEAR_SUFFIXES, PREFIX, config_scaling
+
+logger = logging.getLogger(__name__)
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
+
+
+@dataclass(frozen=True)
+class ServingProfile:
+    """What one consumer of a LoRA adapter carries."""
+
+    name: str
+    full_tensors: bool  # modules_to_save (norms, full embeddings, tensors with added rows)
+    biases: bool  # bias="all" entries
+    embedding_lora: bool  # lora_embedding_A/B on the input embedding
+    head_lora: bool  # lora_A/B on the output head (rows = vocabulary)
+    uniform_rank: bool  # one r for every module (zero-padded)
+    added_tokens: bool  # can serve a vocabulary larger than the base's
+    max_rank: int | None = None
+
+
+PROFILES = {
+    p.name: p
+    for p in (
+        ServingProfile("peft", True, True, True, True, False, True),
+        # vllm/lora/peft_helper.py (validate_legal), lora_model.py (embedding LoRA must match the base vocabulary)
+        ServingProfile("vllm", False, False, True, True, False, False, max_rank=VLLM_MAX_LORA_RANKS[-1]),
+        # SGLang reads one `r`/`lora_alpha` (buffers sized by it); embedding / head LoRA not relied on
+        ServingProfile("sglang", False, False, False, False, True, False),
+        # convert_lora_to_gguf.py exits on full tensors; keeps lora_embedding_* (transposes A for token_embd)
+        ServingProfile("llama.cpp", False, False, True, True, False, False),
+        ServingProfile("portable", False, False, False, False, True, False, max_rank=VLLM_MAX_LORA_RANKS[-1]),
+    )
+}
+
+
+def get_profile(name: str) -> ServingProfile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown serving profile {name!r}: choose one of {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+@dataclass
+class LowRank:
+    """One module's factors as PEFT stores them (A: [r, in], B: [out, r])."""
+
+    module: str
+    kind: str  # "lora" or "embedding"
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def keys(self) -> tuple[str, str]:
+        suffix = LINEAR_SUFFIXES if self.kind == "lora" else EMBEDDING_SUFFIXES
+        return PREFIX + self.module + suffix[0], PREFIX + self.module + suffix[1]
+
+
+def read_adapter(folder: Path) -> tuple[dict, list[LowRank], list[str]]:
+    """adapter_config, low-rank modules (float32) and the names of every other tensor."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    others = []
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        for key in f.keys():
+            hit = next(((s, kind) for kind, pair in (("lora", LINEAR_SUFFIXES), ("embedding", EMBEDDING_SUFFIXES)) for s in pair if key.endswith(s)), None)
+            if hit is None:
+                others.append(key)
+                continue
+            module = key[len(PREFIX):-len(hit[0])] if key.startswith(PREFIX) else key[:-len(hit[0])]
+            letter = "A" if hit[0] in (LINEAR_SUFFIXES[0], EMBEDDING_SUFFIXES[0]) else "B"
+            factors.setdefault(module, {"kind": hit[1]})[letter] = f.get_tensor(key).float()
+    mods = [LowRank(m, d.pop("kind"), d["A"], d["B"]) for m, d in factors.items() if "A" in d and "B" in d]
+    return config, mods, others
+
+
+def is_vocab_module(mod: LowRank, vocab_size: int | None) -> bool:
+    return mod.kind == "embedding" or (vocab_size is not None and mod.B.shape[0] == vocab_size)
+
+
+def lowrank_energy(mod: LowRank, scale: float) -> float:
+    """‖s·B·A‖_F² from the r×r Gram matrices (never the full product)."""
+    return float(scale**2 * torch.trace((mod.B.T @ mod.B) @ (mod.A @ mod.A.T)))
+
+
+@dataclass
+class ProfileReport:
+    """What a profile changed; recorded in the manifest under `profile`."""
+
+    name: str
+    rank: int
+    padded_modules: int
+    padding_bytes: int
+    dropped: list[str]
+    dropped_share: float  # ‖Δ dropped‖_F / ‖Δ of the PEFT adapter‖_F
+    needs_max_lora_rank: int | None  # vLLM: the smallest --max-lora-rank that serves it
+
+
+def apply_profile(folder: str | os.PathLike, profile: str, base) -> dict:
+    """Rewrite the PEFT adapter in `folder` (in place) for `profile`; returns the report.
+
+    `base` is the base model's `Checkpoint` (for ‖Δ‖ of dropped full tensors and vocabulary
+    checks). Raises ValueError where the profile cannot serve the adapter at all.
+    """
+    folder, prof = Path(folder), get_profile(profile)
+    config, mods, others = read_adapter(folder)
+    vocab = (base.config or {}).get("vocab_size")
+    refuse_added_tokens(prof, folder, others, mods, base)
+    scales = {m.module: config_scaling(config, m.module) for m in mods}
+    keep = [m for m in mods if _carried(prof, m, vocab)]
+    dropped_lr = [m for m in mods if m not in keep]
+    dropped_full = [k for k in others if not _carried_full(prof, k)]
+    full_sq = {k: full_delta_energy(folder, k, base) for k in others}
+    kept_sq = sum(lowrank_energy(m, scales[m.module]) for m in keep)
+    drop_sq = sum(lowrank_energy(m, scales[m.module]) for m in dropped_lr) + sum(full_sq[k] for k in dropped_full)
+    total = kept_sq + drop_sq + sum(v for k, v in full_sq.items() if k not in dropped_full)
+    rank = max((m.rank for m in keep), default=1)
+    if prof.max_rank is not None and rank > prof.max_rank:
+        raise ValueError(f"{folder}: rank {rank} exceeds {prof.name}'s largest max_lora_rank {prof.max_rank}; "
+                         f"extract again with --max-rank {prof.max_rank} (or a smaller --energy)")
+    report = ProfileReport(prof.name, rank, 0, 0, [m.module for m in dropped_lr] + [base_name(k) for k in dropped_full],
+                           math.sqrt(drop_sq / total) if total else 0.0, _vllm_rank(rank) if prof.name in ("vllm", "portable") else None)
+    _rewrite(folder, prof, config, keep, [k for k in others if k not in dropped_full], scales, rank, report)
+    _warn_dropped(report)
+    return asdict(report)
+
+
+def _carried(prof: ServingProfile, mod: LowRank, vocab: int | None) -> bool:
+    if mod.kind == "embedding":
+        return prof.embedding_lora
+    return prof.head_lora or not is_vocab_module(mod, vocab)
+
+
+def _carried_full(prof: ServingProfile, key: str) -> bool:
+    return prof.biases if key.endswith(".bias") else prof.full_tensors
+
+
+def _vllm_rank(rank: int) -> int | None:
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+
+
+def refuse_added_tokens(prof: ServingProfile, folder: Path, others: list[str], mods: list[LowRank], base) -> None:
+    """A server that keeps the base vocabulary cannot serve rows the base does not have."""
+    if prof.added_tokens:
+        return
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        for key in others:
+            name = base_name(key)
+            if name in base and f.get_slice(key).get_shape()[0] > base.info(name).shape[0]:
+                raise ValueError(
+                    f"{folder}: {name} has {f.get_slice(key).get_shape()[0]} rows, the base {base.info(name).shape[0]} "
+                    f"(added tokens): {prof.name} serves the base vocabulary only; use the merged checkpoint "
+                    "(`stream-readapt merge`) instead"
+                )
+
+
+def base_name(key: str) -> str:
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    return name.replace(".base_layer.", ".")
+
+
+def full_delta_energy(folder: Path, key: str, base) -> float:
+    """‖Θ − Φ‖_F² of a saved full tensor, a row block at a time (Φ = 0 on rows the base lacks)."""
+    name = base_name(key)
+    total = 0.0
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        sl = f.get_slice(key)
+        rows = sl.get_shape()[0] if sl.get_shape() else 1
+        base_rows = base.info(name).shape[0] if name in base and base.info(name).shape else (1 if name in base else 0)
+        step = max(1, (1 << 22) // max(1, math.prod(sl.get_shape()[1:])))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            theta = (sl[start:stop] if sl.get_shape() else f.get_tensor(key).reshape(1)).double()
+            lo, hi = start, min(stop, base_rows)
+            if hi > lo:
+                theta[: hi - lo] -= base.read_rows(name, lo, hi).double().reshape(theta[: hi - lo].shape)
+            total += float(theta.square().sum())
+    return total
+
+
+def _rewrite(folder, prof, config, keep, full_keys, scales, rank, report) -> None:
+    """Write the profile's adapter_model.safetensors and adapter_config.json, replacing the PEFT ones."""
+    path = folder / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata, dtype = f.metadata(), _dtype_of(f)
+        full = {k: f.get_tensor(k) for k in full_keys}  # only what the profile keeps (norms, biases: small)
+    tmp = folder / ".adapter_model.profile.safetensors"
+    keys = [k for m in keep for k in m.keys()] + list(full)
+    with SafetensorsShardWriter(tmp, keys, metadata) as writer:
+        for m in keep:
+            A, B = _prescaled(m, scales[m.module], rank if prof.uniform_rank else m.rank, rank, report, dtype.itemsize)
+            writer.add(m.keys()[0], A.to(dtype).contiguous())
+            writer.add(m.keys()[1], B.to(dtype).contiguous())
+        for k, t in full.items():
+            writer.add(k, t)
+    os.replace(tmp, path)
+    ranks = {m.module: (rank if prof.uniform_rank else m.rank) for m in keep}
+    config.update(
+        r=rank, lora_alpha=rank, use_rslora=False, alpha_pattern={},
+        rank_pattern={m: r for m, r in ranks.items() if r != rank},
+        target_modules=sorted(ranks),
+        modules_to_save=config.get("modules_to_save") if prof.full_tensors else None,
+        bias=config.get("bias", "none") if prof.biases else "none",
+    )
+    if not prof.full_tensors:
+        config["ensure_weight_tying"] = False
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _dtype_of(f) -> torch.dtype:
+    lora = [k for k in f.keys() if k.endswith(LINEAR_SUFFIXES + EMBEDDING_SUFFIXES)]
+    return f.get_slice(lora[0])[:1].dtype if lora else torch.float32  # one row, never a whole tensor
+
+
+def _prescaled(m: LowRank, scale: float, rank: int, global_rank: int, report: ProfileReport, itemsize: int):
+    """Factors with s·B·A unchanged under scaling global_rank/rank, zero-padded to `rank`."""
+    B = m.B * (scale * rank / global_rank)
+    A = m.A
+    if rank > m.rank:
+        A = torch.cat([A, A.new_zeros(rank - m.rank, A.shape[1])])
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - m.rank)], dim=1)
+        report.padded_modules += 1
+        report.padding_bytes += (rank - m.rank) * (A.shape[1] + B.shape[0]) * itemsize
+    return A, B
+
+
+def _warn_dropped(report: ProfileReport) -> None:
+    if report.dropped:
+        names = ", ".join(report.dropped[:6]) + (f" and {len(report.dropped) - 6} more" if len(report.dropped) > 6 else "")
+        logger.warning("profile %s cannot carry %d tensors/modules (%.2f%% of the adapter's ||Δ||_F): %s; "
+                       "they stay at the base (use the merged checkpoint to keep them)",
+                       report.name, len(report.dropped), 100 * report.dropped_share, names)
