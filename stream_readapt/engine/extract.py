@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..arch.plan import plan_pairs, select
-from ..io.blocks import BlockBuffers, Job, stream_pass
+from ..io.blocks import BlockBuffers, Job
 from ..io.checkpoint import Checkpoint
-from ..io.writer import CheckpointWriter, OutputFolder, PlannedTensor, shards_by_size, shards_like
+from ..io.writer import OutputFolder
 from .manifest import (
     TensorStats,
     as_json,
@@ -28,7 +30,7 @@ from .manifest import (
     write_manifest,
 )
 from .options import RunOptions
-from .streaming import progress
+from .runner import LocalRunner, ShardOutput, plan_shards
 
 
 def extract(
@@ -104,39 +106,47 @@ def extract(
 
 
 def _write_deltas(tmp, pairs, phi, theta, run: RunOptions, manifest) -> dict:
-    dtype_of = lambda p: run.dtype or theta.info(p.name).dtype
-    plan = [PlannedTensor(p.name, math.prod(p.shape) * dtype_of(p).itemsize) for p in pairs]
-    groups = shards_by_size(plan, run.max_shard_size) if run.max_shard_size else shards_like(plan, phi.weight_map)
-    by_name = {p.name: p for p in pairs}
-    order = [by_name[n] for g in groups for n in g]
-    # Σ Δ², Σ Φ² over the base rows, and the elements whose stored Δ is not exactly Θ − Φ
-    # (JSON values: the journal saves them with each shard for --resume)
-    squares = {p.name: [0.0, 0.0, 0] for p in order}
+    plan = plan_shards(pairs, lambda p: run.dtype or theta.info(p.name).dtype, run, phi.weight_map)
+    work = DeltaWork(phi, theta, plan.dtype_of, {p.name: [0.0, 0.0, 0] for p in plan.order})
+    LocalRunner().run(plan, work, ShardOutput(tmp, "readapter", safetensors_metadata(manifest)), run, "extract")
+    return as_json({name: _norms(*sq) for name, sq in work.state.items()})
 
-    def reads_of(job: Job) -> list:
-        own = [(theta, job.pair.name, job.start, job.stop, "theta")]
-        return own + ([(phi, job.pair.base, job.start, job.stop, "phi")] if job.start < job.pair.base_rows else [])
 
-    def compute(job: Job) -> torch.Tensor:
-        d = blocks.read_f32(theta, job.pair.name, job.start, job.stop, slot="theta")
+@dataclass
+class DeltaWork:
+    """Row blocks of Δ = Θ − Φ, with per tensor Σ Δ², Σ Φ² over the base rows and the elements
+    whose stored Δ is not exactly Θ − Φ (`state`: JSON values the journal saves for --resume)."""
+
+    phi: Checkpoint
+    theta: Checkpoint
+    dtype_of: Callable
+    state: dict
+    blocks: BlockBuffers | None = None
+
+    def bind(self, blocks: BlockBuffers) -> None:
+        self.blocks = blocks
+
+    def reads_of(self, job: Job) -> list:
+        own = [(self.theta, job.pair.name, job.start, job.stop, "theta")]
+        return own + ([(self.phi, job.pair.base, job.start, job.stop, "phi")] if job.start < job.pair.base_rows else [])
+
+    def compute(self, job: Job) -> torch.Tensor:
+        blocks = self.blocks
+        d = blocks.read_f32(self.theta, job.pair.name, job.start, job.stop, slot="theta")
         if job.start >= job.pair.base_rows:  # added vocabulary: Φ is zero there
             return d
-        b = blocks.read_f32(phi, job.pair.base, job.start, job.stop, slot="phi")
-        if dtype_of(job.pair) == torch.float64:  # exact differences for float32 inputs
+        b = blocks.read_f32(self.phi, job.pair.base, job.start, job.stop, slot="phi")
+        stored = self.dtype_of(job.pair)
+        if stored == torch.float64:  # exact differences for float32 inputs
             d, b = d.double(), b.double()
         # Reused buffers: a fresh block-sized tensor per step costs page faults on the CPU.
         scratch = [blocks.get(f"delta.{i}", tuple(d.shape), d.dtype, d.device) for i in range(3)]
         delta = torch.sub(d, b, out=scratch[0])
-        squares[job.pair.name][2] += inexact_elements(d, b, delta, dtype_of(job.pair), scratch=scratch[1:])
-        squares[job.pair.name][0] += _square_sum(delta)
-        squares[job.pair.name][1] += _square_sum(b)
+        sums = self.state[job.pair.name]
+        sums[2] += inexact_elements(d, b, delta, stored, scratch=scratch[1:])
+        sums[0] += _square_sum(delta)
+        sums[1] += _square_sum(b)
         return delta
-
-    writer = CheckpointWriter(tmp, groups, prefix="readapter", metadata=safetensors_metadata(manifest))
-    with progress(sum(t.nbytes for t in plan), "extract", run.quiet) as bar, BlockBuffers(run.device) as blocks:
-        stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=reads_of, compute=compute,
-                    block_bytes=run.block_bytes, bar=bar, state=squares)
-    return as_json({name: _norms(*sq) for name, sq in squares.items()})
 
 
 def inexact_elements(theta: torch.Tensor, phi: torch.Tensor, delta: torch.Tensor, stored: torch.dtype,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,11 @@ import torch
 
 from ..arch.plan import Role, TensorPlan, bind_adapter
 from ..deltas.sources import DeltaSource, InstructDelta, open_readapter
-from ..io.blocks import BlockBuffers, Job, stream_pass
+from ..io.blocks import BlockBuffers, Job
 from ..io.checkpoint import Checkpoint
 from ..io.jsonfile import load_json_object
 from ..io.safetensors_reader import CheckpointError
-from ..io.writer import CheckpointWriter, OutputFolder, PlannedTensor, shards_by_size, shards_like
+from ..io.writer import OutputFolder
 from ..terms.peft_adapter import PeftAdapter
 from .manifest import (
     InputRecord,
@@ -41,7 +40,8 @@ from .manifest import (
     write_manifest,
 )
 from .options import RunOptions, Scales
-from .streaming import check_scales, progress
+from .runner import LocalRunner, ShardOutput, plan_shards
+from .streaming import check_scales
 
 logger = logging.getLogger(__name__)
 
@@ -142,21 +142,15 @@ class MergePass:
     run: RunOptions
 
     def write(self, tmp: Path, pairs: list[TensorPlan], manifest: dict) -> dict:
-        dtype_of = lambda p: self.run.dtype or p.dtype
-        plan = [PlannedTensor(p.name, math.prod(p.shape) * dtype_of(p).itemsize) for p in pairs]
-        groups = (shards_by_size(plan, self.run.max_shard_size) if self.run.max_shard_size
-                  else shards_like(plan, self.phi.weight_map))
-        by_name = {p.name: p for p in pairs}
-        order = [by_name[n] for g in groups for n in g]
+        plan = plan_shards(pairs, lambda p: self.run.dtype or p.dtype, self.run, self.phi.weight_map)
         # JSON values, since the journal saves them with each shard for --resume
-        self.record = {p.name: as_json(MergeStats(self.scales.beta != 0 and self.delta.has(p.name), False, p.added_rows))
-                       for p in order}
-        writer = CheckpointWriter(tmp, groups, metadata=safetensors_metadata(manifest))
-        with progress(sum(t.nbytes for t in plan), "merge", self.run.quiet) as bar, BlockBuffers(self.run.device) as blocks:
-            self.delta.blocks = blocks
-            stream_pass(writer, order, dtype_of=dtype_of, blocks=blocks, reads_of=self.reads_of, compute=self.compute,
-                        block_bytes=self.run.block_bytes, bar=bar, state=self.record)
-        return self.record
+        self.state = {p.name: as_json(MergeStats(self.scales.beta != 0 and self.delta.has(p.name), False, p.added_rows))
+                      for p in plan.order}
+        LocalRunner().run(plan, self, ShardOutput(tmp, metadata=safetensors_metadata(manifest)), self.run, "merge")
+        return self.state
+
+    def bind(self, blocks: BlockBuffers) -> None:
+        self.delta.blocks = blocks
 
     def reads_of(self, job: Job) -> list:
         added = job.start >= job.pair.base_rows
@@ -180,7 +174,7 @@ class MergePass:
             out.add_(knowledge, alpha=alpha)
         elif with_psi:
             psi.add_rows_(out, pair.name, start, stop, alpha)  # plain LoRA: one fused addmm
-        self.record[pair.name]["knowledge"] |= with_psi
+        self.state[pair.name]["knowledge"] |= with_psi
         return out
 
 
