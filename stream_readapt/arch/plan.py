@@ -16,7 +16,8 @@ import torch
 
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_reader import CheckpointError
-from .roles import VOCAB_ROLES, Role, RoleTable, TensorRole, is_vocab_key, role_table
+from .roles import is_vocab_key, role_table
+from .table import VOCAB_ROLES, Role, RoleTable, TensorRole
 
 
 @dataclass(frozen=True)

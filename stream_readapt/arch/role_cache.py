@@ -29,13 +29,14 @@ from pathlib import Path
 
 from ..io.jsonfile import load_json_object
 from ..io.safetensors_reader import CheckpointError
-from .roles import Role, RoleTable, TensorRole
+from .table import Role, RoleTable, TensorRole
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the stored layout changes
 MAX_ENTRY_BYTES = 16 * 2**20  # a 1024-layer MoE table is a few MB
 MAX_ENTRIES = 256  # least recently used entries beyond this are removed when one is stored
+_DERIVATION = ("roles.py", "table.py", "meta.py")  # the code a table comes from: a change derives tables anew
 _FIELDS = ("key", "param", "role", "module_class", "embed_scale", "tied_to")
 
 
@@ -72,7 +73,10 @@ def entry_key(config_json: str, keys: list[str]) -> str | None:
 @functools.cache
 def _roles_source_digest() -> str:
     """roles.py as this process imported it (read once: a run asks for several tables)."""
-    return hashlib.sha256(Path(__file__).with_name("roles.py").read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for name in _DERIVATION:
+        digest.update(Path(__file__).with_name(name).read_bytes())
+    return digest.hexdigest()
 
 
 def load(key: str) -> RoleTable | None:

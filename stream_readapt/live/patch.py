@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch.plan import bind_adapter
-from ..arch.roles import Role, table_of_model
+from ..arch.roles import table_of_model
+from ..arch.table import Role
 from ..deltas.sources import FullDelta, open_readapter
 from ..engine.streaming import check_scales
 from ..io.safetensors_reader import CheckpointError

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..arch.naming import NameMap, ParamInfo, Piece
-from ..arch.roles import Role, RoleTable
+from ..arch.table import Role, RoleTable
 from ..engine.streaming import check_finite
 from ..io.safetensors_reader import CheckpointError
 from ..optional import missing
