@@ -28,6 +28,7 @@ from ..deltas.sources import FullDelta, open_readapter
 from ..engine.streaming import check_scales
 from ..io.safetensors_reader import CheckpointError
 from ..optional import available, install_hint
+from ..terms.dora import dora_row_scale
 from ..terms.experts import dense_deltas
 from ..terms.peft_adapter import PeftAdapter
 from .readapt_linear import (
@@ -74,8 +75,7 @@ class ReadaptLinear(nn.Module):
     def _dora_scale(self) -> torch.Tensor:
         """c = m / ‖Φ + s·B·A‖_row, once at load (PEFT detaches the norm the same way)."""
         A, B, s = self.terms.lora
-        merged = self.linear_weight.float() + s * (B.float() @ A.float())
-        return self.terms.magnitude.float() / torch.linalg.vector_norm(merged, dim=1)
+        return dora_row_scale(self.linear_weight.float() + s * (B.float() @ A.float()), self.terms.magnitude.float())
 
     @property
     def linear_weight(self) -> torch.Tensor:

@@ -32,6 +32,7 @@ from ..io.safetensors_reader import CheckpointError
 from ..peft_format.adapter_checks import refuse_unsupported, warn_on_contradictions
 from ..peft_format.format import PREFIX, lora_scaling, pattern_key
 from ..peft_format.targets import adapts_module
+from .dora import dora_delta_rows
 from .experts import ExpertLoras, take_param_loras
 
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's defaults: what PEFT uses when a key is absent
@@ -371,9 +372,7 @@ class PeftAdapter:
             lora = (f["B"][start:stop] @ f["A"]).mul_(mod.scale)
         if mod.magnitude is None:
             return lora
-        merged = lora.add_(phi)  # DoRA: W' = m / ||Φ + sBA||_row * (Φ + sBA), per output row
-        norms = torch.linalg.vector_norm(merged, dim=1, keepdim=True)
-        return merged.mul_(f["magnitude"][start:stop, None] / norms).sub_(phi)
+        return dora_delta_rows(phi, lora, f["magnitude"][start:stop])
 
     def fingerprint(self) -> str:
         return self.ckpt.fingerprint()
