@@ -45,7 +45,7 @@ import torch
 from bench_merge import stream_readapt_cmd
 
 from stream_readapt.io.checkpoint import Checkpoint
-from stream_readapt.lowrank.svd.lore import format_module_summary, summarize_modules
+from stream_readapt.lowrank.lore import format_module_summary, summarize_modules
 from stream_readapt.engine.manifest import read_manifest
 from stream_readapt.terms.peft_adapter import PeftAdapter
 

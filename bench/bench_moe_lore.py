@@ -42,7 +42,7 @@ def chunks(experts: int, chunk: int, shape):
 
 
 def child_ours(args) -> dict:
-    from stream_readapt.lowrank.svd.moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
+    from stream_readapt.lowrank.moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
 
     out = {}
     for name, shape in SHAPES.items():

@@ -21,7 +21,7 @@ import torch
 
 import harness
 from harness_cpu import cpu_model
-from stream_readapt.lowrank.svd.svd import randomized_svd
+from stream_readapt.lowrank.svd import randomized_svd
 
 CPU_SHAPES = [(2048, 5632), (5632, 2048)]  # Llama-7B-class MLP projections, both ways
 CUDA_SHAPES = CPU_SHAPES + [(4096, 14336)]  # + Llama-3-8B MLP

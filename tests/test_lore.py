@@ -11,7 +11,7 @@ import torch
 import fixtures_models as fm
 from stream_readapt import extract, merge
 from stream_readapt.cli import main
-from stream_readapt.lowrank.svd.svd import rank_for_energy
+from stream_readapt.lowrank.svd import rank_for_energy
 
 IDS = torch.tensor([[1, 5, 9, 42, 7, 299, 3]])
 
@@ -102,7 +102,7 @@ def test_tied_qwen_biases_through_peft(qwen_tied_pair, tmp_path):
 
 
 def test_serving_limit_warning(caplog):
-    from stream_readapt.lowrank.svd.lore import serving_report
+    from stream_readapt.lowrank.lore import serving_report
 
     modules = {"a.q_proj": {"rank": 300}, "a.k_proj": {"rank": 100}, "a.v_proj": {"rank": 12}, "model.norm": {"kind": "full"}}
     with caplog.at_level(logging.WARNING):

@@ -7,8 +7,8 @@ import functools
 import pytest
 import torch
 
-from stream_readapt.lowrank.svd import svd as lowrank
-from stream_readapt.lowrank.svd.svd import LowRankFactors, randomized_svd, rank_for_energy
+from stream_readapt.lowrank import svd as lowrank
+from stream_readapt.lowrank.svd import LowRankFactors, randomized_svd, rank_for_energy
 
 SHAPES = [(300, 517), (517, 300), (257, 1031)]
 SPECTRA = ["fast", "slow", "flat", "lowrank_noise"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fixtures_moe import build_moe_pair
-from stream_readapt.lowrank.svd.svd import rank_for_energy
-from stream_readapt.lowrank.svd.moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
+from stream_readapt.lowrank.svd import rank_for_energy
+from stream_readapt.lowrank.moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
 
 
 def _experts(E, m, n, seed=0):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import types
 
 import pytest
@@ -13,7 +16,7 @@ import consumers
 import fixtures_models as fm
 from stream_readapt import extract
 from stream_readapt.cli import main
-from stream_readapt.serving.profiles.check import check_adapter
+from stream_readapt.serving.check import check_adapter
 
 PROFILES = ["vllm", "sglang", "llama.cpp", "portable"]
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -196,3 +199,17 @@ def test_profile_without_low_rank_is_a_one_line_error(llama_pair, tmp_path, caps
     code = main(["extract", str(llama_pair.base), str(llama_pair.instruct), "-o", str(tmp_path / "x"), "--profile", "vllm"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "--energy" in err[0] and not (tmp_path / "x").exists()
+
+
+def test_profile_adapter_is_the_same_bytes_in_every_process(llama_pair, tmp_path):
+    """safetensors hands metadata back in hash-map order, which changes from process to process."""
+    out = tmp_path / "vllm"
+    script = ("import sys; from stream_readapt import extract; "
+              "extract(sys.argv[1], sys.argv[2], sys.argv[3], energy=0.5, profile='vllm', device='cpu')")
+    files = []
+    for _ in range(3):
+        subprocess.run([sys.executable, "-c", script, str(llama_pair.base), str(llama_pair.instruct), str(out)],
+                       check=True)
+        files.append((out / "adapter_model.safetensors").read_bytes())
+        shutil.rmtree(out)
+    assert files[0] == files[1] == files[2]

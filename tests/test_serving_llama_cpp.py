@@ -13,7 +13,7 @@ import torch
 import consumers
 import fixtures_models as fm
 from stream_readapt import extract
-from stream_readapt.serving.profiles.check import check_adapter
+from stream_readapt.serving.check import check_adapter
 
 
 @pytest.fixture(scope="module")

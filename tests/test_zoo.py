@@ -139,7 +139,7 @@ def test_unknown_family_is_refused_not_guessed(tmp_path, tmp_path_factory):
 def _lore_targets(m: zoo.ZooModels):
     """The LoRE targets extract_lore plans for a pair (all tensors, embeddings as LoRA)."""
     from stream_readapt.io.checkpoint import Checkpoint
-    from stream_readapt.lowrank.svd.lore import classify, tied_head_copy
+    from stream_readapt.lowrank.lore import classify, tied_head_copy
     from stream_readapt.arch.plan import plan_pairs, roles_of
 
     phi, theta = Checkpoint.open(m.base), Checkpoint.open(m.instruct)
@@ -152,7 +152,7 @@ def _lore_targets(m: zoo.ZooModels):
 def test_dense_shortcut_plans_what_the_parameter_split_plans(family):
     """LoRE skips the parameter-target split (a second meta build and PEFT's import) where the
     role table rules experts and routers out; on every dense family the full split agrees."""
-    from stream_readapt.lowrank.svd.param_targets import dense_plan, may_have_param_targets, split_param_targets
+    from stream_readapt.lowrank.param_targets import dense_plan, may_have_param_targets, split_param_targets
     from stream_readapt.arch.naming import NameMap
 
     phi, table, targets = _lore_targets(family)
@@ -161,7 +161,7 @@ def test_dense_shortcut_plans_what_the_parameter_split_plans(family):
 
 
 def test_moe_never_takes_the_dense_shortcut(mixtral):
-    from stream_readapt.lowrank.svd.param_targets import may_have_param_targets
+    from stream_readapt.lowrank.param_targets import may_have_param_targets
 
     _, table, targets = _lore_targets(mixtral)
     assert may_have_param_targets(targets, table)

@@ -214,7 +214,8 @@ def _rewrite(folder, prof, config, keep, full_keys, scales, rank, report) -> Non
     """Write the profile's adapter_model.safetensors and adapter_config.json, replacing the PEFT ones."""
     path = folder / "adapter_model.safetensors"
     with safe_open(path, "pt") as f:
-        metadata, dtype = f.metadata(), _dtype_of(f)
+        # safetensors returns the metadata in hash-map order: sorted, the file is the same on every run
+        metadata, dtype = dict(sorted((f.metadata() or {}).items())), _dtype_of(f)
         full = {k: f.get_tensor(k) for k in full_keys}  # only what the profile keeps (norms, biases: small)
     tmp = folder / ".adapter_model.profile.safetensors"
     keys = [k for m in keep for k in m.keys()] + list(full)
