@@ -12,6 +12,7 @@ import sys
 from . import __version__
 from .io import signals
 from .optional import extra_for_error
+from .serving.consumers import DEFAULT, PROFILES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -72,7 +73,7 @@ def _extract_parser(sub) -> None:
     p.add_argument("--max-rank", type=int, help="LoRE: cap on any module's rank")
     p.add_argument("--embeddings", choices=["full", "lora"], help="LoRE: embeddings/lm_head as full tensors or low-rank "
                    "(default: full for --profile peft, else lora)")
-    p.add_argument("--profile", choices=["peft", "vllm", "sglang", "llama.cpp", "portable"], default="peft",
+    p.add_argument("--profile", choices=list(PROFILES), default=DEFAULT,
                    help="LoRE: who serves the adapter (default peft: full fidelity; portable: loads in all)")
     p.add_argument("--seed", type=parse_seed, default=0, help="LoRE: seed of the randomized SVD")
     p.add_argument("--include", action="append", metavar="REGEX", help="only tensors matching (repeatable)")
@@ -158,7 +159,7 @@ def _run(args) -> dict | str:
 
         lore = {"max_rank": args.max_rank, "embeddings": args.embeddings, "seed": args.seed, "profile": args.profile}
         low_rank = args.energy is not None or args.rank is not None or args.max_error is not None
-        if args.profile != "peft" and not low_rank:
+        if PROFILES[args.profile].rewrites and not low_rank:
             raise ValueError(f"--profile {args.profile} shapes a LoRE-Adapter: add --energy, --rank or --max-error")
         return extract(
             args.base, args.instruct, args.output, energy=args.energy, rank=args.rank, max_error=args.max_error,

@@ -146,7 +146,8 @@ def extract_lore(
     matrix's rank; `max_rank` caps it. `profile` names the consumer (`stream_readapt.serving.profiles`).
     See `stream_readapt.engine.extract` for the rest.
     """
-    from ..serving.profiles import apply_profile, get_profile
+    from ..serving.consumers import get_profile
+    from ..serving.profiles import apply_profile
 
     embeddings = embeddings or ("full" if get_profile(profile).full_tensors else "lora")
     if sum(x is not None for x in (energy, rank, max_error)) != 1:
@@ -170,7 +171,7 @@ def extract_lore(
         # Experts and non-Linear weights (routers) go in by PEFT target_parameters (moe_extract.py)
         plan = plan_param_targets(targets, table, phi)
         targets, ptargets = plan.targets, plan.params
-        if ptargets and profile != "peft":
+        if ptargets and not get_profile(profile).param_targets:
             raise ValueError(f"--profile {profile} does not carry LoRAs on fused experts or routers (PEFT "
                              f"target_parameters, {len(ptargets)} here) yet: use --profile peft, or merge a checkpoint")
         manifest = new_manifest(
@@ -196,7 +197,7 @@ def extract_lore(
             manifest["serving"] = serving_report(modules)
             _write_adapter_config(tmp, targets, modules, phi.source, bool(copies))
             add_target_parameters(tmp, plan, modules)
-            if profile != "peft":
+            if get_profile(profile).rewrites:
                 manifest["profile"] = apply_profile(tmp, profile, phi)
             copy_side_files(theta.folder, tmp, skip=("config.json",))
             write_manifest(tmp, manifest)

@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..peft_format.format import EMBEDDING_SUFFIXES, LINEAR_SUFFIXES, PREFIX, config_scaling
-from .profiles import VLLM_MAX_LORA_RANKS
+from .consumers import VLLM_MAX_LORA_RANKS
 
 CONSUMERS = ("vllm", "sglang", "llama.cpp")
 _NORM_HINTS = ("norm",)  # convert_lora_to_gguf.py keeps `_layernorm` / `.norm` tensors, exits on any other
