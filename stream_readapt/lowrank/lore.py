@@ -47,6 +47,7 @@ from .param_targets import (
     write_param_targets,
 )
 from .svd import LowRankFactors, randomized_svd
+from .target import RankTarget
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,19 @@ def _full_key(t: Target, lora_modules: set[str]) -> str:
     return PREFIX + t.pair.param
 
 
+@dataclass(frozen=True)
+class SvdSettings:
+    """How every dense matrix of one LoRE run is factorized."""
+
+    target: RankTarget
+    seed: int = 0
+    power_iters: int | None = None  # None: randomized_svd's default
+
+    def factorize(self, matrix: torch.Tensor) -> LowRankFactors:
+        extra = {} if self.power_iters is None else {"power_iters": self.power_iters}
+        return randomized_svd(matrix, target=self.target, seed=self.seed, **extra)
+
+
 def extract_lore(
     base, instruct, output, *, energy=None, rank=None, max_error=None, max_rank=None, embeddings=None,
     seed=0, dtype=None, device="auto", include=None, exclude=None, revision=None, overwrite=False,
@@ -150,15 +164,12 @@ def extract_lore(
     from ..serving.profiles import apply_profile
 
     embeddings = embeddings or ("full" if get_profile(profile).full_tensors else "lora")
-    if sum(x is not None for x in (energy, rank, max_error)) != 1:
-        raise ValueError("give exactly one of energy=, rank= or max_error=")
+    svd = SvdSettings(RankTarget.parse(energy=energy, rank=rank, max_error=max_error, max_rank=max_rank), seed,
+                      power_iters)
     if embeddings not in ("full", "lora"):
         raise ValueError(f"embeddings must be 'full' or 'lora', not {embeddings!r}")
     out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct))
     run = RunOptions.resolve(device=device, dtype=dtype, block_bytes=block_bytes, quiet=quiet)
-    svd_options = dict(energy=energy, rank=rank, max_error=max_error, max_rank=max_rank, seed=seed)
-    if power_iters is not None:
-        svd_options["power_iters"] = power_iters
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
         pairs = plan_pairs(phi, theta)
         table = roles_of(phi, theta.names)
@@ -186,10 +197,10 @@ def extract_lore(
             keys = adapter_keys(targets) + param_keys(ptargets)
             writer = SafetensorsShardWriter(tmp / "adapter_model.safetensors", keys, safetensors_metadata(manifest))
             try:
-                modules = _write_targets(writer, targets, phi, theta, run, svd_options)
+                modules = _write_targets(writer, targets, phi, theta, run, svd)
                 modules.update(write_param_targets(
                     writer, ptargets, phi, theta, lambda k: run.dtype or theta.info(k).dtype, run.device,
-                    options_from(svd_options), EXPERT_CHUNK))
+                    options_from(svd.target, svd.seed), EXPERT_CHUNK))
                 writer.finalize()
             finally:
                 writer.close()
@@ -205,7 +216,7 @@ def extract_lore(
     return manifest
 
 
-def _write_targets(writer, targets, phi, theta, run: RunOptions, svd_options: dict) -> dict:
+def _write_targets(writer, targets, phi, theta, run: RunOptions, svd: SvdSettings) -> dict:
     lora_modules = {t.module for t in targets if t.role in ("lora", "embedding")}
     modules = {}
     bar = progress(sum(math.prod(t.pair.shape) for t in targets), "lore", run.quiet)
@@ -213,7 +224,7 @@ def _write_targets(writer, targets, phi, theta, run: RunOptions, svd_options: di
         for t in targets:
             dtype = run.dtype or theta.info(t.source or t.pair.name).dtype
             if t.role in ("lora", "embedding"):
-                modules[t.module] = _write_lowrank(writer, t, phi, theta, dtype, run, svd_options)
+                modules[t.module] = _write_lowrank(writer, t, phi, theta, dtype, run, svd)
             else:
                 _write_full(writer, t, _full_key(t, lora_modules), theta, dtype, run.block_bytes)
                 modules.setdefault(t.module, as_json(ModuleStats("full", list(t.pair.shape))))
@@ -238,11 +249,11 @@ def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes
     return delta, math.sqrt(base_sq)
 
 
-def _write_lowrank(writer, t: Target, phi, theta, dtype, run: RunOptions, svd_options: dict) -> dict:
+def _write_lowrank(writer, t: Target, phi, theta, dtype, run: RunOptions, svd: SvdSettings) -> dict:
     try:
         delta, base_norm = delta_matrix(t, phi, theta, run.device, run.block_bytes)
         # A Conv1D weight is stored [in, out]; PEFT's factors are for its [out, in] transpose.
-        f = randomized_svd(delta.T if t.transposed else delta, **svd_options)
+        f = svd.factorize(delta.T if t.transposed else delta)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         raise_allocation_error(e, t.pair.name, t.pair.shape, run.device)
     del delta

@@ -27,6 +27,7 @@ from ..io.safetensors_reader import CheckpointError
 from ..optional import missing
 from ..peft_format.format import PREFIX
 from .moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
+from .target import RankTarget
 
 logger = logging.getLogger(__name__)
 
@@ -184,13 +185,12 @@ def param_keys(ptargets: list[ParamTarget]) -> list[str]:
     return [f"{pt.key}.lora_{x}.weight" for pt in ptargets for x in ("A", "B")]
 
 
-def options_from(svd_options: dict) -> ExpertOptions:
-    """The per-expert targets of extract's options (an error target is an energy target)."""
-    energy, max_error = svd_options.get("energy"), svd_options.get("max_error")
-    if max_error is not None:
-        energy = min(1.0, max(1e-12, 1.0 - max_error ** 2))
-    return ExpertOptions(energy=energy, rank=svd_options.get("rank"), max_rank=svd_options.get("max_rank"),
-                         seed=svd_options.get("seed", 0))
+def options_from(target: RankTarget, seed: int) -> ExpertOptions:
+    """The per-expert targets of a LoRE run (an error target is an energy target)."""
+    energy = target.energy_share
+    if target.max_error is not None:
+        energy = min(1.0, max(1e-12, energy))
+    return ExpertOptions(energy=energy, rank=target.rank, max_rank=target.max_rank, seed=seed)
 
 
 def add_target_parameters(folder, plan: ParamPlan, modules: dict) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .target import RankTarget
+
 logger = logging.getLogger(__name__)
 
 # Size of the float64 copy of a row chunk when summing ‖Δ‖_F²: small enough to stay in
@@ -104,6 +106,7 @@ def randomized_svd(
     oversample: int = 8,
     power_iters: int = 2,
     seed: int = 0,
+    target: RankTarget | None = None,
 ) -> LowRankFactors:
     """Truncated SVD of a 2-D tensor, with the rank fixed or chosen by an energy target.
 
@@ -130,6 +133,7 @@ def randomized_svd(
             rank uses at least k/4.
         power_iters: power iterations per block (needed on slowly decaying spectra).
         seed: seed of the Gaussian test matrices; the same seed gives identical output.
+        target: the four targets above as one parsed RankTarget (instead of them).
 
     Returns:
         LowRankFactors with rank ≥ 1. A zero matrix gives rank 1 with S = [0] (rank k in
@@ -139,8 +143,13 @@ def randomized_svd(
         >>> f = randomized_svd(torch.randn(300, 517), energy=0.5)
         >>> approx = f.U @ torch.diag(f.S) @ f.Vh
     """
-    target, fixed_rank = _parse_target(energy, rank, max_error)
-    _check_options(max_rank, block_size, oversample, power_iters)
+    if target is None:
+        target = RankTarget.parse(energy=energy, rank=rank, max_error=max_error, max_rank=max_rank)
+    elif (energy, rank, max_error, max_rank) != (None, None, None, None):
+        raise ValueError("give target= or energy=/rank=/max_error=/max_rank=, not both")
+    max_rank = target.max_rank
+    target, fixed_rank = target.energy_share, target.rank
+    _check_options(block_size, oversample, power_iters)
     A = _as_float32_matrix(matrix)
     total = _frobenius_energy(A)
     # Basis vectors live in the shorter dimension: the QRs and B = QᵀA are cheaper.
@@ -174,28 +183,7 @@ def randomized_svd(
     return _transpose(factors) if transposed else factors
 
 
-def _parse_target(energy, rank, max_error) -> tuple[float | None, int | None]:
-    """(energy share, fixed rank): exactly one is set."""
-    given = [name for name, v in (("energy", energy), ("rank", rank), ("max_error", max_error))
-             if v is not None]
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of energy, rank, max_error (got {given or 'none'})")
-    if energy is not None:
-        if not 0.0 < energy <= 1.0:
-            raise ValueError(f"energy must be in (0, 1], got {energy}")
-        return float(energy), None
-    if max_error is not None:
-        if not 0.0 <= max_error < 1.0:
-            raise ValueError(f"max_error must be in [0, 1), got {max_error}")
-        return 1.0 - float(max_error) ** 2, None
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-    return None, rank
-
-
-def _check_options(max_rank, block_size, oversample, power_iters) -> None:
-    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
-        raise ValueError(f"max_rank must be an integer >= 1 or None, got {max_rank!r}")
+def _check_options(block_size, oversample, power_iters) -> None:
     if block_size < 1 or oversample < 0 or power_iters < 0:
         raise ValueError(
             f"need block_size >= 1, oversample >= 0, power_iters >= 0; got {block_size}, "
