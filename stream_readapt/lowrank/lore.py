@@ -13,7 +13,6 @@ added vocabulary) are saved as PEFT `modules_to_save` holding Θ; biases as
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.ownership import raise_allocation_error
 from ..io.writer import OutputFolder, SafetensorsShardWriter
 from ..optional import require
-from ..peft_format.format import PREFIX
+from ..peft_format.format import PREFIX, factor_keys, write_adapter_config
 from .param_targets import (
     add_target_parameters,
     options_from,
@@ -119,9 +118,9 @@ def adapter_keys(targets: list[Target]) -> list[str]:
     keys = []
     for t in targets:
         if t.role == "lora":
-            keys += [f"{PREFIX}{t.module}.lora_A.weight", f"{PREFIX}{t.module}.lora_B.weight"]
+            keys += factor_keys(t.module)
         elif t.role == "embedding":
-            keys += [f"{PREFIX}{t.module}.lora_embedding_A", f"{PREFIX}{t.module}.lora_embedding_B"]
+            keys += factor_keys(t.module, embedding=True)
         else:
             keys.append(_full_key(t, lora_modules))
     return keys
@@ -206,8 +205,9 @@ def extract_lore(
                 writer.close()
             manifest["modules"] = modules
             manifest["serving"] = serving_report(modules)
-            _write_adapter_config(tmp, targets, modules, phi.source, bool(copies))
-            add_target_parameters(tmp, plan, modules)
+            config = adapter_config(targets, modules, phi.source, bool(copies))
+            add_target_parameters(config, plan, modules)
+            write_adapter_config(tmp, config)
             if get_profile(profile).rewrites:
                 manifest["profile"] = apply_profile(tmp, profile, phi)
             copy_side_files(theta.folder, tmp, skip=("config.json",))
@@ -263,11 +263,13 @@ def _write_lowrank(writer, t: Target, phi, theta, dtype, run: RunOptions, svd: S
     check_finite(B, t.pair.name)
     check_finite(A, t.pair.name)  # a float16 cast can overflow to Inf
     if t.role == "embedding":  # PEFT's embedding delta is (B·A)ᵀ: store the transposed factors
-        writer.add(f"{PREFIX}{t.module}.lora_embedding_A", B.T.contiguous().cpu())
-        writer.add(f"{PREFIX}{t.module}.lora_embedding_B", A.T.contiguous().cpu())
+        a_key, b_key = factor_keys(t.module, embedding=True)
+        writer.add(a_key, B.T.contiguous().cpu())
+        writer.add(b_key, A.T.contiguous().cpu())
     else:
-        writer.add(f"{PREFIX}{t.module}.lora_A.weight", A.cpu())
-        writer.add(f"{PREFIX}{t.module}.lora_B.weight", B.cpu())
+        a_key, b_key = factor_keys(t.module)
+        writer.add(a_key, A.cpu())
+        writer.add(b_key, B.cpu())
     return module_record(t, f, base_norm)
 
 
@@ -294,7 +296,8 @@ def _write_full(writer, t: Target, key: str, theta: Checkpoint, dtype, block_byt
     writer.end()
 
 
-def _write_adapter_config(folder: Path, targets: list[Target], modules: dict, base_source: str, tied: bool) -> None:
+def adapter_config(targets: list[Target], modules: dict, base_source: str, tied: bool) -> dict:
+    """The LoRE-Adapter's adapter_config.json: per-module ranks by pattern, alpha = rank (scaling 1)."""
     low = [t.module for t in targets if t.role in ("lora", "embedding")]
     ranks = {m: modules[m]["rank"] for m in low}
     default_r = max(ranks.values(), default=1)
@@ -318,7 +321,7 @@ def _write_adapter_config(folder: Path, targets: list[Target], modules: dict, ba
         # A tied lm_head must follow the saved / adapted embedding (PEFT >= 0.18 honours this).
         "ensure_weight_tying": tied,
     }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
 
 
 def serving_report(modules: dict) -> dict:

@@ -12,7 +12,6 @@ biases, DeepSeek's router correction bias) go in as `bias="all"` entries under t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -193,13 +192,9 @@ def options_from(target: RankTarget, seed: int) -> ExpertOptions:
     return ExpertOptions(energy=energy, rank=target.rank, max_rank=target.max_rank, seed=seed)
 
 
-def add_target_parameters(folder, plan: ParamPlan, modules: dict) -> None:
-    """Add the parameter targets to adapter_config.json, each rank by pattern (alpha = rank: scaling 1),
+def add_target_parameters(config: dict, plan: ParamPlan, modules: dict) -> None:
+    """Add the parameter targets to an adapter config, each rank by pattern (alpha = rank: scaling 1),
     and save modules whole where needed."""
-    if not plan.params and not plan.wholes:
-        return
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text())
     if plan.wholes:
         saved = [m for m in config["modules_to_save"] or [] if not any(m.startswith(w + ".") for w in plan.wholes)]
         config["modules_to_save"] = sorted(set(saved) | plan.wholes)
@@ -209,7 +204,6 @@ def add_target_parameters(folder, plan: ParamPlan, modules: dict) -> None:
         rank = modules[pt.info.name]["rank"]
         config["rank_pattern"][pt.info.name] = rank
         config["alpha_pattern"][pt.info.name] = rank
-    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_param_targets(writer, ptargets, phi, theta, dtype_of, dev, options: ExpertOptions, chunk: int) -> dict:

@@ -7,12 +7,21 @@ behind `base_model.model.`: `<module>.lora_A.weight` [r, in], `<module>.lora_B.w
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
+CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 LINEAR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # (A, B) of a Linear / Conv1D / ParamWrapper
 EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")  # (A, B) of an nn.Embedding
+
+
+def factor_keys(module: str, *, embedding: bool = False) -> tuple[str, str]:
+    """The saved names of a module's (A, B) LoRA factors."""
+    a, b = EMBEDDING_SUFFIXES if embedding else LINEAR_SUFFIXES
+    return PREFIX + module + a, PREFIX + module + b
 
 
 def pattern_key(patterns: dict, module: str) -> str | None:
@@ -36,3 +45,8 @@ def config_scaling(config: dict, module: str) -> float:
     r = config["rank_pattern"][r_key] if r_key else config["r"]
     alpha = config["alpha_pattern"][a_key] if a_key else config["lora_alpha"]
     return lora_scaling(alpha, r, rslora=bool(config.get("use_rslora")))
+
+
+def write_adapter_config(folder: Path, config: dict) -> None:
+    """adapter_config.json as PEFT writes it (indented, one trailing newline)."""
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

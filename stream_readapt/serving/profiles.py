@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from ..io.writer import SafetensorsShardWriter
-from ..peft_format.format import EMBEDDING_SUFFIXES, LINEAR_SUFFIXES, PREFIX, config_scaling
+from ..peft_format.format import EMBEDDING_SUFFIXES, LINEAR_SUFFIXES, PREFIX, config_scaling, factor_keys, write_adapter_config
 from .consumers import VLLM_MAX_LORA_RANKS, ServingProfile, get_profile  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ class LowRank:
         return self.A.shape[0]
 
     def keys(self) -> tuple[str, str]:
-        suffix = LINEAR_SUFFIXES if self.kind == "lora" else EMBEDDING_SUFFIXES
-        return PREFIX + self.module + suffix[0], PREFIX + self.module + suffix[1]
+        return factor_keys(self.module, embedding=self.kind == "embedding")
 
 
 def read_adapter(folder: Path) -> tuple[dict, list[LowRank], list[str]]:
@@ -200,7 +199,7 @@ def _rewrite(folder, prof, config, keep, full_keys, scales, rank, report) -> Non
     )
     if not prof.full_tensors:
         config["ensure_weight_tying"] = False
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_adapter_config(folder, config)
 
 
 def _dtype_of(f) -> torch.dtype:
