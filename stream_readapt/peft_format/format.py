@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 CONFIG_FILE = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 LINEAR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # (A, B) of a Linear / Conv1D / ParamWrapper
 EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")  # (A, B) of an nn.Embedding

@@ -10,9 +10,8 @@ import json
 import math
 from pathlib import Path
 
-from safetensors import safe_open
-
-from ..peft_format.format import EMBEDDING_SUFFIXES, LINEAR_SUFFIXES, PREFIX, config_scaling
+from ..io.safetensors_reader import SafetensorsFile
+from ..peft_format.format import ADAPTER_FILE, EMBEDDING_SUFFIXES, LINEAR_SUFFIXES, PREFIX, config_scaling
 from .consumers import VLLM_MAX_LORA_RANKS
 
 CONSUMERS = ("vllm", "sglang", "llama.cpp")
@@ -22,13 +21,13 @@ _NORM_HINTS = ("norm",)  # convert_lora_to_gguf.py keeps `_layernorm` / `.norm` 
 def _ranks(folder: Path) -> tuple[dict[str, int], list[str]]:
     """Each low-rank module's rank (rows of its A) and the keys of every other tensor."""
     ranks, others = {}, []
-    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
-        for key in f.keys():
+    with SafetensorsFile(folder / ADAPTER_FILE) as f:
+        for key in sorted(f.tensors):
             suffix = next((s for s in LINEAR_SUFFIXES + EMBEDDING_SUFFIXES if key.endswith(s)), None)
             if suffix is None:
                 others.append(key)
             elif suffix in (LINEAR_SUFFIXES[0], EMBEDDING_SUFFIXES[0]):
-                ranks[key.removeprefix(PREFIX)[: -len(suffix)]] = f.get_slice(key).get_shape()[0]
+                ranks[key.removeprefix(PREFIX)[: -len(suffix)]] = f.info(key).shape[0]
     return ranks, others
 
 

@@ -25,10 +25,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from ..io.safetensors_reader import SafetensorsFile
 from ..io.writer import SafetensorsShardWriter
-from ..peft_format.format import EMBEDDING_SUFFIXES, LINEAR_SUFFIXES, PREFIX, config_scaling, factor_keys, write_adapter_config
+from ..peft_format.format import (
+    ADAPTER_FILE,
+    EMBEDDING_SUFFIXES,
+    LINEAR_SUFFIXES,
+    PREFIX,
+    config_scaling,
+    factor_keys,
+    write_adapter_config,
+)
 from .consumers import VLLM_MAX_LORA_RANKS, ServingProfile, get_profile  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -55,15 +63,15 @@ def read_adapter(folder: Path) -> tuple[dict, list[LowRank], list[str]]:
     config = json.loads((folder / "adapter_config.json").read_text())
     factors: dict[str, dict[str, torch.Tensor]] = {}
     others = []
-    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
-        for key in f.keys():
+    with SafetensorsFile(folder / ADAPTER_FILE) as f:
+        for key in sorted(f.tensors):
             hit = next(((s, kind) for kind, pair in (("lora", LINEAR_SUFFIXES), ("embedding", EMBEDDING_SUFFIXES)) for s in pair if key.endswith(s)), None)
             if hit is None:
                 others.append(key)
                 continue
             module = key[len(PREFIX):-len(hit[0])] if key.startswith(PREFIX) else key[:-len(hit[0])]
             letter = "A" if hit[0] in (LINEAR_SUFFIXES[0], EMBEDDING_SUFFIXES[0]) else "B"
-            factors.setdefault(module, {"kind": hit[1]})[letter] = f.get_tensor(key).float()
+            factors.setdefault(module, {"kind": hit[1]})[letter] = f.read(key).float()
     mods = [LowRank(m, d.pop("kind"), d["A"], d["B"]) for m, d in factors.items() if "A" in d and "B" in d]
     return config, mods, others
 
@@ -73,8 +81,10 @@ def is_vocab_module(mod: LowRank, vocab_size: int | None) -> bool:
 
 
 def lowrank_energy(mod: LowRank, scale: float) -> float:
-    """‖s·B·A‖_F² from the r×r Gram matrices (never the full product)."""
-    return float(scale**2 * torch.trace((mod.B.T @ mod.B) @ (mod.A @ mod.A.T)))
+    """‖s·B·A‖_F² from the r×r Gram matrices (never the full product), in float64: a float32
+    product's last digits depend on how BLAS blocks it, and the figure goes into the manifest."""
+    B, A = mod.B.double(), mod.A.double()
+    return float(scale**2 * torch.trace((B.T @ B) @ (A @ A.T)))
 
 
 @dataclass
@@ -137,12 +147,13 @@ def refuse_added_tokens(prof: ServingProfile, folder: Path, others: list[str], m
     """A server that keeps the base vocabulary cannot serve rows the base does not have."""
     if prof.added_tokens:
         return
-    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+    with SafetensorsFile(folder / ADAPTER_FILE) as f:
         for key in others:
             name = base_name(key)
-            if name in base and f.get_slice(key).get_shape()[0] > base.info(name).shape[0]:
+            rows = f.info(key).shape[0] if f.info(key).shape else 1
+            if name in base and rows > base.info(name).shape[0]:
                 raise ValueError(
-                    f"{folder}: {name} has {f.get_slice(key).get_shape()[0]} rows, the base {base.info(name).shape[0]} "
+                    f"{folder}: {name} has {rows} rows, the base {base.info(name).shape[0]} "
                     f"(added tokens): {prof.name} serves the base vocabulary only; use the merged checkpoint "
                     "(`stream-readapt merge`) instead"
                 )
@@ -157,14 +168,14 @@ def full_delta_energy(folder: Path, key: str, base) -> float:
     """‖Θ − Φ‖_F² of a saved full tensor, a row block at a time (Φ = 0 on rows the base lacks)."""
     name = base_name(key)
     total = 0.0
-    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
-        sl = f.get_slice(key)
-        rows = sl.get_shape()[0] if sl.get_shape() else 1
+    with SafetensorsFile(folder / ADAPTER_FILE) as f:
+        shape = f.info(key).shape
+        rows = shape[0] if shape else 1
         base_rows = base.info(name).shape[0] if name in base and base.info(name).shape else (1 if name in base else 0)
-        step = max(1, (1 << 22) // max(1, math.prod(sl.get_shape()[1:])))
+        step = max(1, (1 << 22) // max(1, math.prod(shape[1:])))
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            theta = (sl[start:stop] if sl.get_shape() else f.get_tensor(key).reshape(1)).double()
+            theta = (f.read_rows(key, start, stop) if shape else f.read(key).reshape(1)).double()
             lo, hi = start, min(stop, base_rows)
             if hi > lo:
                 theta[: hi - lo] -= base.read_rows(name, lo, hi).double().reshape(theta[: hi - lo].shape)
@@ -174,11 +185,11 @@ def full_delta_energy(folder: Path, key: str, base) -> float:
 
 def _rewrite(folder, prof, config, keep, full_keys, scales, rank, report) -> None:
     """Write the profile's adapter_model.safetensors and adapter_config.json, replacing the PEFT ones."""
-    path = folder / "adapter_model.safetensors"
-    with safe_open(path, "pt") as f:
-        # safetensors returns the metadata in hash-map order: sorted, the file is the same on every run
-        metadata, dtype = dict(sorted((f.metadata() or {}).items())), _dtype_of(f)
-        full = {k: f.get_tensor(k) for k in full_keys}  # only what the profile keeps (norms, biases: small)
+    path = folder / ADAPTER_FILE
+    with SafetensorsFile(path) as f:
+        # sorted: the same file whatever order the input's metadata came in
+        metadata, dtype = dict(sorted(f.metadata.items())), _dtype_of(f)
+        full = {k: f.read(k) for k in full_keys}  # only what the profile keeps (norms, biases: small)
     tmp = folder / ".adapter_model.profile.safetensors"
     keys = [k for m in keep for k in m.keys()] + list(full)
     with SafetensorsShardWriter(tmp, keys, metadata) as writer:
@@ -203,8 +214,8 @@ def _rewrite(folder, prof, config, keep, full_keys, scales, rank, report) -> Non
 
 
 def _dtype_of(f) -> torch.dtype:
-    lora = [k for k in f.keys() if k.endswith(LINEAR_SUFFIXES + EMBEDDING_SUFFIXES)]
-    return f.get_slice(lora[0])[:1].dtype if lora else torch.float32  # one row, never a whole tensor
+    lora = [k for k in sorted(f.tensors) if k.endswith(LINEAR_SUFFIXES + EMBEDDING_SUFFIXES)]
+    return f.info(lora[0]).dtype if lora else torch.float32
 
 
 def _prescaled(m: LowRank, scale: float, rank: int, global_rank: int, report: ProfileReport, itemsize: int):
