@@ -17,7 +17,7 @@ import torch
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_reader import CheckpointError
 from .roles import is_vocab_key, role_table
-from .table import VOCAB_ROLES, Role, RoleTable, TensorRole
+from .table import VOCAB_ROLES, Role, RoleTable, TensorRole, ties_embeddings  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,6 @@ class TensorPlan:
     @property
     def kind(self) -> Role:
         return self.role.role if self.role else Role.OTHER
-
-
-def ties_embeddings(config: dict, source: str = "config.json") -> bool:
-    # transformers' PretrainedConfig defaults tie_word_embeddings to True.
-    text = config.get("text_config")
-    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True) if isinstance(text, dict) else True)
-    if not isinstance(tied, bool):  # a string "false" would read as true
-        raise CheckpointError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
-    return tied
 
 
 def roles_of(ckpt, extra_keys=()) -> RoleTable:

@@ -26,7 +26,7 @@ import re
 from ..optional import install_hint
 from . import role_cache
 from .meta import config_key, meta_build
-from .table import VOCAB_ROLES, Role, RoleTable, TensorRole  # noqa: F401 - the table's types, re-exported
+from .table import VOCAB_ROLES, Role, RoleTable, TensorRole, ties_embeddings  # noqa: F401 - the table's types, re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def _fallback(config: dict, keys: list[str], reason: str, *, unknown: bool = Fal
         else:  # names alone: a matrix is taken for a linear layer, a vector for a norm (Llama-like)
             role = Role.OTHER
         roles[key] = TensorRole(key, key, role)
-    if "lm_head.weight" not in keys and config.get("tie_word_embeddings", True):
+    if "lm_head.weight" not in keys and ties_embeddings(config):
         embed = next((k for k in _FALLBACK_EMBEDDINGS if k in keys), None)
         if embed:
             roles["lm_head.weight"] = TensorRole("lm_head.weight", "lm_head.weight", Role.LM_HEAD, tied_to=embed)

@@ -88,3 +88,12 @@ class RoleTable:
         name-only table will do when transformers is simply not installed (Llama-like names)."""
         if not self.derived and (self.unknown or not names_suffice):
             raise CheckpointError(f"{what} needs the transformers classes of model_type {self.model_type!r}: {self.reason}")
+
+
+def ties_embeddings(config: dict, source: str = "config.json") -> bool:
+    # transformers' PretrainedConfig defaults tie_word_embeddings to True.
+    text = config.get("text_config")
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True) if isinstance(text, dict) else True)
+    if not isinstance(tied, bool):  # a string "false" would read as true
+        raise CheckpointError(f"{source}: tie_word_embeddings must be true or false, got {tied!r}")
+    return tied

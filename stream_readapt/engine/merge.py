@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..arch.plan import Role, TensorPlan, bind_adapter
+from ..arch.plan import Role, TensorPlan, bind_adapter, ties_embeddings
 from ..deltas.sources import DeltaSource, InstructDelta, open_readapter
 from ..io.blocks import BlockBuffers, Job
 from ..io.checkpoint import Checkpoint
@@ -191,7 +191,7 @@ def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPlan]
     if config_path.is_file() and any(p.kind is Role.LM_HEAD for p in pairs):
         # A separate lm_head was written: the config must not tie it back to the embeddings.
         config = load_json_object(config_path)
-        if config.get("tie_word_embeddings", True):
+        if ties_embeddings(config, str(config_path)):
             config["tie_word_embeddings"] = False
             with open(config_path, "w") as fh:
                 json.dump(config, fh, indent=2)
