@@ -184,14 +184,29 @@ def _in_base_order(base: Checkpoint, pairs: dict[str, TensorPlan]) -> list[Tenso
     return [pairs[n] for n in sorted(pairs, key=lambda n: order.get(n, len(order)))]
 
 
-def open_readapter(folder: str | os.PathLike):
+def _open_lore(folder: Path, manifest: dict | None) -> DeltaSource | None:
+    """A PEFT LoRA adapter folder (ours from `extract --energy`, or any LoRA used as Δ)."""
+    return LoreDelta(folder, manifest) if (folder / "adapter_config.json").is_file() else None
+
+
+def _open_full(folder: Path, manifest: dict | None) -> DeltaSource | None:
+    """A full RE-Adapter: shards of Δ keyed like the base, with our manifest of kind 'readapter'."""
+    return FullDelta(folder, manifest) if manifest is not None and manifest.get("kind") == "readapter" else None
+
+
+# Tried in order, the first that recognises the folder opens it (as PEFT's _create_new_module does);
+# a new delta source is one more entry here.
+DISPATCHERS = (_open_lore, _open_full)
+
+
+def open_readapter(folder: str | os.PathLike) -> DeltaSource:
     """A full RE-Adapter or a LoRE-Adapter folder, told apart by its files."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such RE-Adapter folder")
     manifest = read_manifest(folder)
-    if (folder / "adapter_config.json").is_file():
-        return LoreDelta(folder, manifest)
-    if manifest is None or manifest.get("kind") != "readapter":
-        raise CheckpointError(f"{folder}: not an RE-Adapter (no manifest.json of kind 'readapter')")
-    return FullDelta(folder, manifest)
+    for dispatch in DISPATCHERS:
+        source = dispatch(folder, manifest)
+        if source is not None:
+            return source
+    raise CheckpointError(f"{folder}: not an RE-Adapter (no manifest.json of kind 'readapter')")
