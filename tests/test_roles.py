@@ -62,3 +62,13 @@ def test_unbuildable_configs_are_unknown_not_guessed(config):
     assert not t.derived and t.unknown
     with pytest.raises(Exception, match=r"needs the transformers classes of model_type"):
         t.require_classes("LoRE-Adapt", names_suffice=True)
+
+
+def test_special_floats_are_decoded_as_transformers_decodes_them():
+    """transformers writes Infinity as {"__float__": "Infinity"} (hybrid SSM configs do) and decodes
+    it when it reads config.json; the table's meta build must see the float, not the tag."""
+    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50,
+              "rms_norm_eps": {"__float__": "Infinity"}}
+    t = role_table(config, ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"])
+    assert t.derived and t.of("model.layers.0.self_attn.q_proj.weight").role is Role.LINEAR

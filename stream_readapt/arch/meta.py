@@ -31,10 +31,17 @@ def meta_build(config: dict):
 @lru_cache(maxsize=8)
 def _build(config_json: str):
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     config = dict(json.loads(config_json))
+    # transformers saves Infinity / NaN as {"__float__": "Infinity"} and decodes them when it loads a
+    # config file itself; a config handed over as a dict must be decoded the same way, by its own code.
+    base_config = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig  # 5.x / 4.x
+    decode = getattr(base_config, "_decode_special_floats", None)
+    if decode is not None:
+        config = decode(config)
     model_type = config.pop("model_type")
     for k in _SAVE_ONLY:
         config.pop(k, None)
