@@ -19,6 +19,7 @@ from ..engine.streaming import to_device_f32
 from ..io.blocks import BlockBuffers
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_reader import CheckpointError
+from ..terms.fold import Terms, full_terms
 from ..terms.peft_adapter import PeftAdapter
 
 
@@ -56,6 +57,10 @@ class DeltaSource(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def fold(self, params: dict[str, torch.Tensor], device) -> dict[str, Terms]:
+        """Δ for the live layers of a loaded model (`params`: its tensors by checkpoint key)."""
+        raise CheckpointError(f"{self.folder}: patch_model takes Δ from a readapter folder (extract it first)")
 
     def blend(self, name: str, phi: torch.Tensor, beta: float, start: int, stop: int) -> torch.Tensor:
         """Φ + β·Δ for these rows; may reuse `phi`'s storage."""
@@ -125,6 +130,11 @@ class FullDelta(InstructDelta):
     def delta_rows(self, name, phi, start, stop):
         return self.read(name, start, stop, phi.device) if name in self.ckpt else None
 
+    def fold(self, params, device):
+        terms: dict[str, Terms] = {}
+        full_terms(self.ckpt.names, self.ckpt.read, params, "beta", terms)
+        return terms
+
 
 class LoreDelta(DeltaSource):
     """Δ from a LoRE-Adapter (a PEFT LoRA adapter folder written by `extract --energy/--rank`)."""
@@ -161,6 +171,9 @@ class LoreDelta(DeltaSource):
             return super().blend(name, phi, beta, start, stop)
         self.adapter.add_rows_(phi, name, start, stop, beta)  # Φ + β·B·A in one addmm
         return phi
+
+    def fold(self, params, device):
+        return self.adapter.fold(params, device, scale="beta")  # a LoRA of scaling 1
 
     def added_rows(self, name, start, stop, device):
         key = self.adapter.replacements[name]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -29,7 +28,7 @@ from ..engine.streaming import check_scales
 from ..io.safetensors_reader import CheckpointError
 from ..optional import available, install_hint
 from ..terms.dora import dora_row_scale
-from ..terms.experts import dense_deltas
+from ..terms.fold import Terms, merge_terms
 from ..terms.peft_adapter import PeftAdapter
 from .readapt_linear import (
     fold_lowrank,
@@ -45,16 +44,6 @@ try:  # GPT-2 style layers: y = x·W + b with W stored [in, out]
 except ImportError:  # patch_model takes transformers models, so without it there is no Conv1D to meet
     _CONV1D = ()
 BASE_NORM_RTOL = 1e-3  # bf16/fp16 rounding moves a weight's norm by ~1e-5; another base by far more
-
-
-@dataclass
-class Terms:
-    """What one parameter gets on top of Φ: low-rank factors and full tensors, per scale."""
-
-    lore: tuple[torch.Tensor, torch.Tensor] | None = None  # Δ ≈ U·Vᵀ: U [N, k], V [K, k]
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None  # Ψ = s·B·A: (A [r, K], B [N, r], s)
-    magnitude: torch.Tensor | None = None  # DoRA m [N]
-    full: dict[str, torch.Tensor] = field(default_factory=dict)  # {"beta": Δ, "alpha": Ψ} full tensors
 
 
 class ReadaptLinear(nn.Module):
@@ -173,37 +162,6 @@ def _combined_bias(base_bias, terms: Terms | None, alpha: float, beta: float):
 # ----------------------------------------------------------------------------- loading
 
 
-def _lowrank_terms(adapter: PeftAdapter, device, *, as_lore: bool) -> dict[str, Terms]:
-    """Terms per base tensor name from a PEFT adapter (a LoRE-Adapter is a LoRA with scale 1)."""
-    terms: dict[str, Terms] = {}
-    scale = "beta" if as_lore else "alpha"
-    for module_key, mod in adapter.bound_modules():
-        load = lambda k: adapter.ckpt.read(k).to(device)
-        A, B = load(mod.A), load(mod.B)
-        t = terms.setdefault(f"{module_key}.weight", Terms())
-        if mod.embedding:  # stored as [r, vocab] / [dim, r]: the delta is (B·A)ᵀ = Aᵀ·Bᵀ
-            A, B = B.T.contiguous(), A.T.contiguous()  # now rows = B·A, as for a Linear
-        if as_lore:
-            t.lore = (B * mod.scale, A.T.contiguous())
-        else:
-            t.lora = (A, B, mod.scale)
-            t.magnitude = None if mod.magnitude is None else load(mod.magnitude)
-        if mod.bias:
-            terms.setdefault(f"{module_key}.bias", Terms()).full[scale] = load(mod.bias) * mod.scale
-    return terms
-
-
-def _full_terms(names, read, base_params: dict[str, torch.Tensor], scale: str, into: dict[str, Terms]) -> None:
-    """Full deltas: `read(name)` is Δ itself (scale "beta" of a full RE-Adapter) or a saved weight."""
-    for name in names:
-        if name not in base_params:
-            continue
-        phi = base_params[name]
-        value = read(name)
-        value = value[: phi.shape[0]] if phi.dim() else value  # added rows: see patch_model
-        into.setdefault(name, Terms()).full[scale] = value.to(phi.device, phi.dtype)
-
-
 def _saved_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Buffers a checkpoint holds (DeepSeek's router `e_score_correction_bias`), not derived ones."""
     saved = set(model.state_dict())
@@ -251,31 +209,17 @@ def load_terms(model: nn.Module, readapter=None, knowledge=None, *, ignore_base_
         try:
             _plan_readapter(delta, base)
             _check_base_norms(delta, base, ignore_base_mismatch)
-            if isinstance(delta, FullDelta):
-                _full_terms(delta.ckpt.names, delta.ckpt.read, params, "beta", terms)
-            else:
-                _merge_terms(terms, _lowrank_terms(delta.adapter, device, as_lore=True))
-                _replacement_terms(delta.adapter, params, "beta", terms)
-                _full_terms(*_expert_reader(delta.adapter, device), params, "beta", terms)
+            merge_terms(terms, delta.fold(params, device))
         finally:
             delta.close()
     if knowledge is not None:
         psi = PeftAdapter(knowledge)
         try:
             bind_adapter(psi, base)
-            _merge_terms(terms, _lowrank_terms(psi, device, as_lore=False))
-            _replacement_terms(psi, params, "alpha", terms)
-            _full_terms(*_expert_reader(psi, device), params, "alpha", terms)
+            merge_terms(terms, psi.fold(params, device, scale="alpha"))
         finally:
             psi.close()
     return {base.role_table.param_of(key): t for key, t in terms.items()}  # by the model's own names
-
-
-def _expert_reader(adapter: PeftAdapter, device):
-    """target_parameters LoRAs (experts, routers) as full deltas of their parameters: the
-    reference path, rewritten per scale like norms (no grouped expert kernel yet)."""
-    deltas = dense_deltas(adapter, device)
-    return list(deltas), deltas.__getitem__
 
 
 def _plan_readapter(delta, base: LoadedBase) -> None:
@@ -328,24 +272,6 @@ def _check_base_norms(delta, base: LoadedBase, ignore: bool) -> None:
                 raise CheckpointError(msg + "; pass ignore_base_mismatch=True to go on")
             logger.warning(msg)
             return
-
-
-def _replacement_terms(adapter: PeftAdapter, params, scale: str, into: dict[str, Terms]) -> None:
-    """modules_to_save / saved base layers hold full weights: their delta is saved − Φ."""
-    for name, key in adapter.replacements.items():
-        if name in params:
-            saved = adapter.ckpt.read(key).to(params[name].device, torch.float32)
-            phi = params[name].detach().float()
-            into.setdefault(name, Terms()).full[scale] = (saved[: phi.shape[0]] - phi).to(params[name].dtype)
-
-
-def _merge_terms(into: dict[str, Terms], new: dict[str, Terms]) -> None:
-    for name, t in new.items():
-        have = into.setdefault(name, Terms())
-        have.lore = have.lore or t.lore
-        have.lora = have.lora or t.lora
-        have.magnitude = have.magnitude if have.magnitude is not None else t.magnitude
-        have.full.update(t.full)
 
 
 # ----------------------------------------------------------------------------- patching

@@ -34,6 +34,7 @@ from ..peft_format.format import PREFIX, lora_scaling, pattern_key
 from ..peft_format.targets import adapts_module
 from .dora import dora_delta_rows
 from .experts import ExpertLoras, take_param_loras
+from .fold import adapter_terms
 
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's defaults: what PEFT uses when a key is absent
 logger = logging.getLogger(__name__)
@@ -373,6 +374,11 @@ class PeftAdapter:
         if mod.magnitude is None:
             return lora
         return dora_delta_rows(phi, lora, f["magnitude"][start:stop])
+
+    def fold(self, params: dict[str, torch.Tensor], device, *, scale: str) -> dict:
+        """What this adapter adds to a loaded model's live layers at `scale` ("alpha": Ψ; "beta":
+        a LoRE-Adapter's Δ), beside `delta_rows` / `add_rows_`, its rows for the streaming merge."""
+        return adapter_terms(self, params, device, scale)
 
     def fingerprint(self) -> str:
         return self.ckpt.fingerprint()
