@@ -160,3 +160,28 @@ def test_expert_adapter_with_wrong_rank_is_refused(moe, tmp_path):
     with pytest.raises(CheckpointError, match=r"gate_up_proj'.*= 5 over 4 experts needs lora_A \[20, 64\]"):
         merge(pair.base, tmp_path / "m", instruct=pair.instruct, knowledge=bad)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture(scope="module")
+def all_linear(moe, tmp_path_factory):
+    """Adapters PEFT itself makes with target_modules="all-linear": on fused experts it writes
+    bare target_parameters ("gate_up_proj", "down_proj") and a rank_pattern of its own."""
+    from peft import LoraConfig
+
+    root = tmp_path_factory.mktemp("all_linear")
+    return {arch: build_moe_adapter(moe[arch][0].base, root / arch, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+            for arch in MOE_ARCHS}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_merge_of_pefts_own_all_linear_adapter_matches_peft(moe, all_linear, arch, tmp_path):
+    (pair, _), lora = moe[arch], all_linear[arch]
+    targets = json.loads((lora / "adapter_config.json").read_text()).get("target_parameters") or []
+    # PEFT 0.21 writes bare names on every fused-experts family here but gpt-oss (no target_parameters)
+    assert (arch == "gpt_oss") == (not targets) and all("." not in t for t in targets if "gate" not in t)
+    merge(pair.base, tmp_path / "m", instruct=pair.instruct, knowledge=lora, alpha=1.0, beta=0.0, device="cpu")
+    ours, peft, base = _state(tmp_path / "m"), _state(pair.base, lora), _state(pair.base)
+    moved = [k for k in peft if not torch.equal(peft[k], base[k])]
+    assert moved and any("experts" in k for k in moved) == bool(targets)
+    for key in peft:
+        assert_rel_close(ours[key], peft[key], 1e-6, key)

@@ -23,6 +23,7 @@ import torch
 from ..arch.naming import NameMap
 from ..io.safetensors_reader import CheckpointError
 from ..peft_format.format import lora_scaling
+from ..peft_format.targets import adapts_module
 
 _WRAPPED = re.compile(r"(\.base_layer)+$")
 
@@ -50,12 +51,21 @@ class ParamLora:
 
 
 def take_param_loras(config: dict, modules: dict) -> dict[str, ParamLora]:
-    """Remove from `modules` (name -> LoraModule) the wrappers of `target_parameters`."""
-    owners = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
+    """Remove from `modules` (name -> LoraModule) the wrappers of `target_parameters`.
+
+    PEFT matches a target parameter name against `<module>.<parameter>` by suffix: a dotted name
+    (`mlp.experts.gate_up_proj`) names its owner module; a bare one (`gate_up_proj`, as PEFT's own
+    "all-linear" writes on fused-experts models) matches that parameter in any module, so every
+    module the config does not adapt by `target_modules` may be its wrapper (`_bind` checks that
+    the base has such a parameter there)."""
+    targets = config.get("target_parameters") or []
+    owners = [t.rpartition(".")[0] for t in targets if "." in t]
+    bare = any("." not in t for t in targets)
     found = {}
     for name, mod in list(modules.items()):
         owner = _WRAPPED.sub("", name)
-        if any(owner == o or owner.endswith("." + o) for o in owners) and not mod.embedding:
+        named = any(owner == o or owner.endswith("." + o) for o in owners)
+        if (named or (bare and not adapts_module(config, owner))) and not mod.embedding:
             found[name] = ParamLora(name, mod.A, mod.B)
             del modules[name]
     return found
