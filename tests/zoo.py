@@ -62,6 +62,11 @@ FAMILIES = [
     Family("glm4", "glm4", {**_LLAMA_LIKE, "head_dim": 16}),
     Family("smollm3", "smollm3", {**_LLAMA_LIKE}),
     Family("internlm3", "internlm3", {**_LLAMA_LIKE, "head_dim": 12}),
+    # hybrid attention / state-space models: their depthwise nn.Conv1d weights are 3-D, not experts
+    Family("lfm2", "lfm2", {**_LLAMA_LIKE, "layer_types": ["conv", "full_attention"]}),
+    Family("zamba2", "zamba2", {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                "mamba_d_state": 4, "mamba_headdim": 8, "n_mamba_heads": 12,
+                                "layers_block_type": ["mamba", "hybrid"]}),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 

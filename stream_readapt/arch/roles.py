@@ -115,6 +115,8 @@ def _role_of(module, p_name: str, p, head, conv1d) -> Role:
         return Role.BIAS if p_name == "bias" else Role.LINEAR
     if "norm" in type(module).__name__.lower() or isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         return Role.NORM
+    if isinstance(module, nn.modules.conv._ConvNd):  # a state-space block's depthwise conv: 3-D, no experts
+        return Role.BIAS if p_name == "bias" else Role.OTHER
     if p.dim() == 3:
         return Role.EXPERTS
     return Role.OTHER

@@ -159,7 +159,7 @@ def _by_parameter(piece: Piece, info: ParamInfo | None, t, remapped: set[str]) -
     if t.pair.kind in (Role.LINEAR, Role.CONV1D) and piece.expert is None and len(info.shape) == 2:
         # a layer PEFT reaches by target_modules (GPT-2's Conv1D too, with fan_in_fan_out)
         return bool(piece.param.rpartition(".")[0].rpartition(".")[2] in remapped)
-    if piece.expert is not None or len(info.shape) == 3:
+    if piece.expert is not None or (len(info.shape) == 3 and t.pair.kind is Role.EXPERTS):
         return True
     module = piece.param.rpartition(".")[0]
     leaf = module.rpartition(".")[2]
