@@ -30,6 +30,7 @@ class Family:
     name: str
     model_type: str
     config: dict = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)  # LoraConfig overrides of the knowledge adapter
 
 
 FAMILIES = [
@@ -67,6 +68,13 @@ FAMILIES = [
     Family("zamba2", "zamba2", {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
                                 "mamba_d_state": 4, "mamba_headdim": 8, "n_mamba_heads": 12,
                                 "layers_block_type": ["mamba", "hybrid"]}),
+    # configs transformers saves with {"__float__": "Infinity"} (time_step_limit): read as floats
+    Family("bamba", "bamba", {**_LLAMA_LIKE, "attn_layer_indices": [1], "mamba_d_state": 4, "mamba_n_heads": 4,
+                              "mamba_d_head": 24, "mamba_n_groups": 1, "mamba_expand": 2}),
+    # PEFT refuses LoRA on Mamba's out_proj / conv1d in these (its _check_lora_target_modules_mamba)
+    Family("falcon_h1", "falcon_h1", {**_LLAMA_LIKE, "mamba_d_ssm": 48, "mamba_n_heads": 4, "mamba_d_head": 12,
+                                      "mamba_d_state": 4, "mamba_n_groups": 1, "head_dim": 12},
+           lora={"exclude_modules": ["out_proj"]}),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -118,7 +126,8 @@ def build_family(family: Family, root: str | Path, *, seed: int = 0) -> ZooModel
     instruct = copy.deepcopy(base)
     _perturb(instruct, seed + 1)
     instruct.save_pretrained(root / "instruct")
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **family.lora})
+    lora = get_peft_model(copy.deepcopy(base), config)
     fm._randomize_zero_lora(lora, std=0.05)
     lora.save_pretrained(root / "lora")
     return ZooModels(family, root / "base", root / "instruct", root / "lora")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..arch.plan import Role, RoleTable, TensorPlan, plan_pairs, roles_of, select, ties_embeddings
+from ..arch.quirks import quirks_of
 from ..engine.manifest import (
     ModuleStats,
     as_json,
@@ -98,7 +99,11 @@ def layout_of(p: TensorPlan, embeddings: str) -> str:
 
 def classify(pairs: list[TensorPlan], chosen: set[str], embeddings: str, table: RoleTable) -> list[Target]:
     table.require_classes("LoRE-Adapt", names_suffice=True)
-    return [Target(p, layout_of(p, embeddings)) for p in pairs if p.name in chosen]
+    no_lora = quirks_of(table.model_type).no_lora_modules
+    targets = [Target(p, layout_of(p, embeddings)) for p in pairs if p.name in chosen]
+    # modules PEFT will not wrap with a LoRA in this family go in whole (modules_to_save)
+    return [Target(t.pair, "full") if t.role == "lora" and t.module.rpartition(".")[2] in no_lora else t
+            for t in targets]
 
 
 def tied_head_copy(targets: list[Target], theta: Checkpoint, table: RoleTable) -> list[Target]:
