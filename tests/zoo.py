@@ -75,6 +75,10 @@ FAMILIES = [
     Family("falcon_h1", "falcon_h1", {**_LLAMA_LIKE, "mamba_d_ssm": 48, "mamba_n_heads": 4, "mamba_d_head": 12,
                                       "mamba_d_state": 4, "mamba_n_groups": 1, "head_dim": 12},
            lora={"exclude_modules": ["out_proj"]}),
+    # on disk `backbone.`, in memory `model.`: a module saved whole is keyed by its in-memory name
+    Family("nemotron_h", "nemotron_h", {**_LLAMA_LIKE, "hybrid_override_pattern": "M*", "mamba_num_heads": 4,
+                                        "mamba_head_dim": 24, "ssm_state_size": 4, "n_groups": 1, "head_dim": 12},
+           lora={"exclude_modules": ["out_proj"]}),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 

@@ -132,7 +132,7 @@ def _whole_modules(targets: list) -> tuple[list, set[str]]:
     lora = {t.module for t in targets if t.role in ("lora", "embedding")}
     wholes = {t.module for t in targets if t.role == "full" and any(m.startswith(t.module + ".") for m in lora)}
     inside = lambda m: any(m == w or m.startswith(w + ".") for w in wholes)
-    out = [type(t)(t.pair, "full", t.source, key=PREFIX + t.pair.name) if inside(t.module) else t for t in targets]
+    out = [type(t)(t.pair, "full", t.source, key=PREFIX + t.pair.param) if inside(t.module) else t for t in targets]
     if wholes:
         logger.warning("saved whole (PEFT cannot adapt their children and keep their own tensors): %s",
                        ", ".join(sorted(wholes)))
