@@ -77,11 +77,12 @@ class NameMap:
     @classmethod
     def from_checkpoint(cls, ckpt) -> "NameMap":
         """The map for a `Checkpoint` (its config.json picks the architecture)."""
-        model = meta_model(ckpt.config, ckpt.source)
+        build = meta_model(ckpt.config, ckpt.source)
+        model, transforms = build if build is not None else (None, [])
         names = cls(params=model_params(model), model_type=ckpt.config.get("model_type"))
         if model is None:
             return names
-        renamings, converters = _transforms(model)
+        renamings, converters = _split(transforms)
         for key in ckpt.names:
             names.pieces[key] = _place(key, renamings, converters, ckpt)
         _add_row_offsets(names, ckpt)
@@ -90,12 +91,12 @@ class NameMap:
 
 
 def meta_model(config: dict, source: str = "config.json"):
-    """The causal-LM class of `config`, built on the meta device (no memory); None if unknown."""
+    """(model, conversion mapping) of `config` from the one meta-device build; None if unknown."""
     if not config.get("model_type"):
         return None
     require("transformers", "placing checkpoint keys in transformers' parameters (experts, target_parameters)")
     try:
-        return meta_build(config)[0]
+        return meta_build(config)
     except (ValueError, KeyError, TypeError, ImportError) as e:  # unknown or custom-code architecture
         logger.warning("%s: transformers cannot build model_type %r (%s): names taken as they are",
                        source, config.get("model_type"), e)
@@ -116,11 +117,10 @@ def model_params(model) -> dict[str, ParamInfo]:
     return params
 
 
-def _transforms(model):
-    from transformers.conversion_mapping import get_model_conversion_mapping
+def _split(transforms):
+    """transformers' renamings and converters, apart (the build computed the mapping once)."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     return renamings, converters
