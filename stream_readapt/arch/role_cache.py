@@ -3,8 +3,8 @@
 Deriving a table builds the model on the meta device, and that means importing transformers
 and the model's modeling code: ~5 s of one core on the 2-core CPU the benchmarks run on,
 a third of a warm-cache 1B merge. The table is a pure function of the config, the tensor
-keys, the installed transformers and this package's roles.py, so it is stored under a hash
-of exactly those and reused; sweeps over α and β, and any rerun, skip the import.
+keys, the installed transformers and the code a table comes from (roles.py, table.py, meta.py),
+so it is stored under a hash of exactly those and reused; sweeps over α and β, and any rerun, skip the import.
 
 A cached entry is only a shortcut: one that is missing, unreadable, corrupt or written by
 another version is ignored and the table derived again; a cache folder that cannot be
@@ -72,7 +72,7 @@ def entry_key(config_json: str, keys: list[str]) -> str | None:
 
 @functools.cache
 def _roles_source_digest() -> str:
-    """roles.py as this process imported it (read once: a run asks for several tables)."""
+    """The derivation code (`_DERIVATION`) as this process imported it (read once per process)."""
     digest = hashlib.sha256()
     for name in _DERIVATION:
         digest.update(Path(__file__).with_name(name).read_bytes())

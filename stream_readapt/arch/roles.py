@@ -6,7 +6,8 @@ say what each parameter is: `nn.Linear` → linear (its bias → bias), transfor
 conv1d (stored transposed, [in, out]), `nn.Embedding` → embedding (with the scale a scaled
 embedding multiplies by, Gemma's √hidden), `get_output_embeddings()` → lm_head (tied or not,
 whatever it is called), a `*Norm*` module → norm (Gemma's `1 + w` norms included: Δ is
-additive either way), 3-D expert parameters → experts.
+additive either way), a convolution's weight (state-space blocks' nn.Conv1d) → other,
+other 3-D parameters → experts.
 
 It also maps checkpoint keys (on disk) to parameter names (in memory): transformers 5
 renames some at load (GPT-NeoX's `embed_out` is `lm_head` in memory), and PEFT adapters use

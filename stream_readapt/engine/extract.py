@@ -4,7 +4,7 @@ Full RE-Adapters are written as safetensors shards keyed like the base
 (`readapter*.safetensors`), with the instruct model's config and tokenizer so a
 later `merge --readapter` can write a complete checkpoint. Rows the instruct
 model added to the vocabulary are stored as Θ's rows (Φ is taken as zero there),
-so Φ + Δ reproduces Θ everywhere. The low-rank LoRE-Adapter lives in `lore.py`.
+so Φ + Δ reproduces Θ everywhere. The low-rank LoRE-Adapter lives in `lowrank/lore.py`.
 """
 
 from __future__ import annotations

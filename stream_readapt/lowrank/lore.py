@@ -1,7 +1,7 @@
 """LoRE-Adapt: the RE-Adapter truncated per matrix, written as a PEFT LoRA adapter.
 
 For every selected 2-D weight, Δ = Θ − Φ is assembled on the device from row
-blocks and decomposed by our randomized SVD (`lowrank.randomized_svd`), keeping
+blocks and decomposed by our randomized SVD (`lowrank.svd.randomized_svd`), keeping
 the fewest directions that explain a share τ of ‖Δ‖_F² (or a fixed rank, or a
 relative-error target). The factors are split evenly, B = U·√S and A = √S·Vᵀ,
 with lora_alpha = r per module (scaling 1), so `PeftModel.from_pretrained(base, dir)`
@@ -78,8 +78,9 @@ class Target:
 LOWRANK_ROLES = (Role.LINEAR, Role.CONV1D)
 
 
-def layout_of(p: TensorPlan, embeddings: str) -> str:
-    """Where a tensor goes in a PEFT adapter, from its role (the role table decides, not its name)."""
+def layout_of(p: TensorPlan, embeddings: str, no_lora: frozenset[str] = frozenset()) -> str:
+    """Where a tensor goes in a PEFT adapter, from its role (the role table decides, not its name);
+    `no_lora`: module names PEFT will not wrap with a LoRA in this family (they go in whole)."""
     kind = p.kind
     if kind is Role.BIAS:
         return "bias"
@@ -91,8 +92,10 @@ def layout_of(p: TensorPlan, embeddings: str) -> str:
         return "lora" if embeddings == "lora" else "full"
     if not p.name.endswith(".weight"):  # gpt-oss's 2-D `experts.gate_up_proj_bias` is no LoRA target
         return "full"
+    if p.param.rsplit(".", 1)[0].rpartition(".")[2] in no_lora:  # the owning module's own name
+        return "full"
     # A name-only table (no transformers) cannot tell a linear from other matrices: take it for one.
-    # Other matrices (routers, per-expert tensors) are candidates: moe_extract moves those PEFT
+    # Other matrices (routers, per-expert tensors) are candidates: param_targets moves those PEFT
     # can only reach by target_parameters there, and saves the rest whole.
     return "lora" if kind in LOWRANK_ROLES + (Role.EXPERTS, Role.OTHER) else "full"
 
@@ -100,10 +103,7 @@ def layout_of(p: TensorPlan, embeddings: str) -> str:
 def classify(pairs: list[TensorPlan], chosen: set[str], embeddings: str, table: RoleTable) -> list[Target]:
     table.require_classes("LoRE-Adapt", names_suffice=True)
     no_lora = quirks_of(table.model_type).no_lora_modules
-    targets = [Target(p, layout_of(p, embeddings)) for p in pairs if p.name in chosen]
-    # modules PEFT will not wrap with a LoRA in this family go in whole (modules_to_save)
-    return [Target(t.pair, "full") if t.role == "lora" and t.module.rpartition(".")[2] in no_lora else t
-            for t in targets]
+    return [Target(p, layout_of(p, embeddings, no_lora)) for p in pairs if p.name in chosen]
 
 
 def tied_head_copy(targets: list[Target], theta: Checkpoint, table: RoleTable) -> list[Target]:
@@ -183,7 +183,7 @@ def extract_lore(
                              "vocabulary only; use the merged checkpoint (`stream-readapt merge`) instead")
         copies = tied_head_copy(targets, theta, table)
         targets += copies
-        # Experts and non-Linear weights (routers) go in by PEFT target_parameters (moe_extract.py)
+        # Experts and non-Linear weights (routers) go in by PEFT target_parameters (param_targets.py)
         plan = plan_param_targets(targets, table, phi)
         targets, ptargets = plan.targets, plan.params
         if ptargets and not get_profile(profile).param_targets:
