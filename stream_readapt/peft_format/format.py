@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_FILE = "adapter_config.json"
@@ -23,6 +24,24 @@ def factor_keys(module: str, *, embedding: bool = False) -> tuple[str, str]:
     """The saved names of a module's (A, B) LoRA factors."""
     a, b = EMBEDDING_SUFFIXES if embedding else LINEAR_SUFFIXES
     return PREFIX + module + a, PREFIX + module + b
+
+
+@dataclass(frozen=True)
+class FactorKey:
+    """What a saved LoRA factor name says: its module, whether it is an embedding's, A or B."""
+
+    module: str
+    embedding: bool
+    part: str  # "A" or "B"
+
+
+def factor_of(key: str) -> FactorKey | None:
+    """The inverse of `factor_keys` (the prefix optional); None for any other tensor name."""
+    for embedding, suffixes in ((False, LINEAR_SUFFIXES), (True, EMBEDDING_SUFFIXES)):
+        for part, suffix in zip("AB", suffixes):
+            if key.endswith(suffix):
+                return FactorKey(key.removeprefix(PREFIX)[: -len(suffix)], embedding, part)
+    return None
 
 
 def pattern_key(patterns: dict, module: str) -> str | None:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from ..io.safetensors_reader import SafetensorsFile
-from ..peft_format.format import ADAPTER_FILE, EMBEDDING_SUFFIXES, LINEAR_SUFFIXES, PREFIX, config_scaling
+from ..peft_format.format import ADAPTER_FILE, config_scaling, factor_of
 from .consumers import VLLM_MAX_LORA_RANKS
 
 CONSUMERS = ("vllm", "sglang", "llama.cpp")
@@ -23,11 +23,11 @@ def _ranks(folder: Path) -> tuple[dict[str, int], list[str]]:
     ranks, others = {}, []
     with SafetensorsFile(folder / ADAPTER_FILE) as f:
         for key in sorted(f.tensors):
-            suffix = next((s for s in LINEAR_SUFFIXES + EMBEDDING_SUFFIXES if key.endswith(s)), None)
-            if suffix is None:
+            factor = factor_of(key)
+            if factor is None:
                 others.append(key)
-            elif suffix in (LINEAR_SUFFIXES[0], EMBEDDING_SUFFIXES[0]):
-                ranks[key.removeprefix(PREFIX)[: -len(suffix)]] = f.info(key).shape[0]
+            elif factor.part == "A":
+                ranks[factor.module] = f.info(key).shape[0]
     return ranks, others
 
 

@@ -30,11 +30,10 @@ from ..io.safetensors_reader import SafetensorsFile
 from ..io.writer import SafetensorsShardWriter
 from ..peft_format.format import (
     ADAPTER_FILE,
-    EMBEDDING_SUFFIXES,
-    LINEAR_SUFFIXES,
     PREFIX,
     config_scaling,
     factor_keys,
+    factor_of,
     write_adapter_config,
 )
 from .consumers import VLLM_MAX_LORA_RANKS, ServingProfile, get_profile  # noqa: F401
@@ -65,13 +64,12 @@ def read_adapter(folder: Path) -> tuple[dict, list[LowRank], list[str]]:
     others = []
     with SafetensorsFile(folder / ADAPTER_FILE) as f:
         for key in sorted(f.tensors):
-            hit = next(((s, kind) for kind, pair in (("lora", LINEAR_SUFFIXES), ("embedding", EMBEDDING_SUFFIXES)) for s in pair if key.endswith(s)), None)
-            if hit is None:
+            factor = factor_of(key)
+            if factor is None:
                 others.append(key)
                 continue
-            module = key[len(PREFIX):-len(hit[0])] if key.startswith(PREFIX) else key[:-len(hit[0])]
-            letter = "A" if hit[0] in (LINEAR_SUFFIXES[0], EMBEDDING_SUFFIXES[0]) else "B"
-            factors.setdefault(module, {"kind": hit[1]})[letter] = f.read(key).float()
+            kind = "embedding" if factor.embedding else "lora"
+            factors.setdefault(factor.module, {"kind": kind})[factor.part] = f.read(key).float()
     mods = [LowRank(m, d.pop("kind"), d["A"], d["B"]) for m, d in factors.items() if "A" in d and "B" in d]
     return config, mods, others
 
@@ -214,7 +212,7 @@ def _rewrite(folder, prof, config, keep, full_keys, scales, rank, report) -> Non
 
 
 def _dtype_of(f) -> torch.dtype:
-    lora = [k for k in sorted(f.tensors) if k.endswith(LINEAR_SUFFIXES + EMBEDDING_SUFFIXES)]
+    lora = [k for k in sorted(f.tensors) if factor_of(k) is not None]
     return f.info(lora[0]).dtype if lora else torch.float32
 
 
