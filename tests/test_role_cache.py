@@ -45,7 +45,8 @@ def _no_derivation(monkeypatch):
 
 def _same(a: roles.RoleTable, b: roles.RoleTable) -> None:
     assert a.model_type == b.model_type and a.derived and b.derived
-    assert a.roles == b.roles  # every key: parameter name, role, class, embedding scale, tie
+    assert a.roles == b.roles  # every key: parameter name, role, class, embedding scale, tie, placement, reach
+    assert list(a.params.items()) == list(b.params.items())  # every parameter, in model order
 
 
 ZOO_CONFIGS = [pytest.param(lambda f=f: zoo.tiny_config(f), id=f.name) for f in zoo.FAMILIES] + [

@@ -72,3 +72,37 @@ def test_special_floats_are_decoded_as_transformers_decodes_them():
               "rms_norm_eps": {"__float__": "Infinity"}}
     t = role_table(config, ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"])
     assert t.derived and t.of("model.layers.0.self_attn.q_proj.weight").role is Role.LINEAR
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_reach_is_how_peft_itself_wraps_each_parameter(arch):
+    """The table's `reach` against PEFT: a MODULE parameter is wrapped by target_modules naming its
+    owner; a PARAMETER one only by target_parameters (ParamWrapper), never as a Linear LoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+    from transformers import AutoModelForCausalLM
+
+    import fixtures_moe
+    from stream_readapt.arch.table import Reach
+
+    config = fixtures_moe.moe_config(arch)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        keys = list(AutoModelForCausalLM.from_config(config).state_dict())
+    table = role_table(json.loads(config.to_json_string()), keys)
+    layer = [k for k in keys if ".layers.1." in k and len(table.params[table.param_of(k)].shape) >= 2]
+    reaches = {table.of(k).reach for k in layer}
+    assert reaches == {Reach.MODULE, Reach.PARAMETER}  # attention by module; experts and router by parameter
+    for key in layer:
+        param = table.param_of(key)
+        module, _, leaf = param.rpartition(".")
+        wrapped = dict(get_peft_model(
+            AutoModelForCausalLM.from_config(config),
+            LoraConfig(r=2, target_modules=[module]) if table.of(key).reach is Reach.MODULE
+            else LoraConfig(r=2, target_modules=[], target_parameters=[param]),
+        ).base_model.model.named_modules())[module]
+        if table.of(key).reach is Reach.MODULE:
+            assert isinstance(wrapped, LoraLayer) and not isinstance(wrapped, ParamWrapper), key
+        else:
+            assert isinstance(wrapped, ParamWrapper) and wrapped.parameter_name == leaf, key

@@ -71,3 +71,24 @@ def test_local_runner_streams_every_block_into_the_planned_shards(tmp_path):
             cols = shape[1] if len(shape) > 1 else 1
             want = (torch.arange(shape[0], dtype=torch.float32)[:, None] + cols).expand(-1, cols).reshape(shape)
             assert torch.equal(ckpt.read(name), want)
+
+
+def test_local_runner_writes_each_units_own_result_in_plan_order():
+    """Unit passes (LoRE): every unit computed once, and its own result written, in plan order,
+    whatever order or interleaving the computing could have had."""
+    computed, written = [], []
+
+    class Work:
+        def cost(self, unit):
+            return unit
+
+        def compute(self, unit):
+            computed.append(unit)
+            return None if unit == 2 else unit * 10
+
+        def write(self, unit, result):
+            written.append((unit, result))
+
+    LocalRunner().run_units([5, 2, 7], Work(), RunOptions.resolve(device="cpu", quiet=True), "units")
+    assert computed == [5, 2, 7]
+    assert written == [(5, 50), (2, None), (7, 70)]

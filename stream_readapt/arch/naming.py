@@ -6,21 +6,20 @@ expert 3 in `model.layers.0.mlp.experts.gate_up_proj` [E, 2I, H]. PEFT adapters 
 the in-memory names, checkpoints by the on-disk ones. `NameMap` says, for every checkpoint
 key, which parameter it lands in and where (expert, first row), and back.
 
-The rules are transformers' own (`get_model_conversion_mapping` on a model built on the meta
-device, so nothing is allocated); only the operations that fuse experts are interpreted here
-(`MergeModulelist(dim=0)`, optionally followed by `Concatenate(dim=1)`), anything else is
-refused with its name rather than guessed.
+This is a view of the architecture's one table (`roles.role_table`: transformers' own
+conversion rules, applied on the meta build), plus what only the checkpoint knows: the rows
+each per-expert tensor contributes. A key the table marks unfusable (a converter other than
+stacking experts, optionally concatenated along rows) is refused here with its operations.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 
 from ..io.safetensors_reader import CheckpointError
-from ..optional import require
-from .meta import meta_build
+from ..optional import missing
+from .table import ParamInfo
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +34,6 @@ class Piece:
     expert: int | None = None
     row0: int = 0
     rows: int = 0
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    """An in-memory parameter: its shape and, for fused experts, PEFT's orientation flag."""
-
-    name: str
-    shape: tuple[int, ...]
-    transposed: bool = False  # experts stored [E, in, out] (gpt-oss), not [E, out, in]
-    linear: bool = True  # owned by an nn.Linear / nn.Embedding (a PEFT target_modules target)
 
 
 @dataclass
@@ -76,83 +65,28 @@ class NameMap:
 
     @classmethod
     def from_checkpoint(cls, ckpt) -> "NameMap":
-        """The map for a `Checkpoint` (its config.json picks the architecture)."""
-        build = meta_model(ckpt.config, ckpt.source)
-        model, transforms = build if build is not None else (None, [])
-        names = cls(params=model_params(model), model_type=ckpt.config.get("model_type"))
-        if model is None:
+        """The map for a `Checkpoint`, read off its architecture's one table (`plan.roles_of`)."""
+        from .plan import roles_of
+
+        table = roles_of(ckpt)
+        names = cls(model_type=ckpt.config.get("model_type"))
+        if not table.derived:
+            if table.transformers_missing:
+                raise missing("transformers", "placing checkpoint keys in transformers' parameters "
+                                              "(experts, target_parameters)")
+            logger.warning("%s: %s: names taken as they are", ckpt.source, table.reason)
             return names
-        renamings, converters = _split(transforms)
+        names.params = dict(table.params)
         for key in ckpt.names:
-            names.pieces[key] = _place(key, renamings, converters, ckpt)
+            role = table.of(key)
+            if role.unfusable:
+                raise CheckpointError(f"{ckpt.source}: tensor {key!r} {role.unfusable}")
+            # row0 holds the part index until every key is known (see _add_row_offsets)
+            names.pieces[key] = (Piece(key, role.param) if role.expert is None
+                                 else Piece(key, role.param, role.expert, role.part, ckpt.info(key).shape[0]))
         _add_row_offsets(names, ckpt)
         _check_complete(names, ckpt.source)
         return names
-
-
-def meta_model(config: dict, source: str = "config.json"):
-    """(model, conversion mapping) of `config` from the one meta-device build; None if unknown."""
-    if not config.get("model_type"):
-        return None
-    require("transformers", "placing checkpoint keys in transformers' parameters (experts, target_parameters)")
-    try:
-        return meta_build(config)
-    except (ValueError, KeyError, TypeError, ImportError) as e:  # unknown or custom-code architecture
-        logger.warning("%s: transformers cannot build model_type %r (%s): names taken as they are",
-                       source, config.get("model_type"), e)
-        return None
-
-
-def model_params(model) -> dict[str, ParamInfo]:
-    import torch
-
-    if model is None:
-        return {}
-    modules = dict(model.named_modules())
-    params = {}
-    for name, tensor in model.state_dict().items():
-        owner = modules.get(name.rsplit(".", 1)[0])
-        linear = isinstance(owner, (torch.nn.Linear, torch.nn.Embedding))
-        params[name] = ParamInfo(name, tuple(tensor.shape), bool(getattr(owner, "is_transposed", False)), linear)
-    return params
-
-
-def _split(transforms):
-    """transformers' renamings and converters, apart (the build computed the mapping once)."""
-    from transformers.core_model_loading import WeightConverter, WeightRenaming
-
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    return renamings, converters
-
-
-def _place(key: str, renamings, converters, ckpt) -> Piece:
-    from transformers.core_model_loading import rename_source_key
-
-    param, pattern = rename_source_key(key, renamings, converters)
-    if pattern is None:
-        return Piece(key, param)
-    converter = next(c for c in converters if pattern in c.source_patterns)
-    _check_operations(converter, key, ckpt.source)
-    expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
-    if expert is None:
-        raise CheckpointError(f"{ckpt.source}: tensor {key!r}: no expert index where {pattern!r} has '*'")
-    part = converter.source_patterns.index(pattern)
-    # row0 holds the part index until every key is known (see _add_row_offsets)
-    return Piece(key, param, int(expert.group(1)), part, ckpt.info(key).shape[0])
-
-
-def _check_operations(converter, key: str, source: str) -> None:
-    from transformers.core_model_loading import Concatenate, MergeModulelist
-
-    ops = list(getattr(converter, "operations", []))
-    ok = (len(ops) in (1, 2) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
-          and (len(ops) == 1 or (isinstance(ops[1], Concatenate) and ops[1].dim == 1)))
-    if not ok:
-        raise CheckpointError(
-            f"{source}: tensor {key!r} is converted at load by {[type(o).__name__ for o in ops]}, which stream-readapt "
-            "does not map yet (only stacked experts, optionally concatenated along rows)"
-        )
 
 
 def _add_row_offsets(names: NameMap, ckpt) -> None:

@@ -29,15 +29,16 @@ from pathlib import Path
 
 from ..io.jsonfile import load_json_object
 from ..io.safetensors_reader import CheckpointError
-from .table import Role, RoleTable, TensorRole
+from .table import ParamInfo, Reach, Role, RoleTable, TensorRole
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the stored layout changes
+FORMAT = 2  # bump when the stored layout changes
 MAX_ENTRY_BYTES = 16 * 2**20  # a 1024-layer MoE table is a few MB
 MAX_ENTRIES = 256  # least recently used entries beyond this are removed when one is stored
 _DERIVATION = ("roles.py", "table.py", "meta.py")  # the code a table comes from: a change derives tables anew
-_FIELDS = ("key", "param", "role", "module_class", "embed_scale", "tied_to")
+_FIELDS = ("key", "param", "role", "module_class", "embed_scale", "tied_to", "expert", "part", "unfusable", "reach")
+_PARAM_FIELDS = ("name", "shape", "transposed", "linear", "reach")
 
 
 def cache_folder() -> Path | None:
@@ -52,7 +53,7 @@ def cache_folder() -> Path | None:
 def entry_key(config_json: str, keys: list[str]) -> str | None:
     """The hash naming one table's entry; None when transformers is not installed."""
     try:
-        version = importlib.metadata.version("transformers")
+        version = importlib.metadata.version("transformers") + "/peft " + _version_or_none("peft")
         spec = importlib.util.find_spec("transformers")  # finds the package without importing it
     except (importlib.metadata.PackageNotFoundError, ImportError, ValueError):
         return None
@@ -68,6 +69,14 @@ def entry_key(config_json: str, keys: list[str]) -> str | None:
         h.update(part.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()
+
+
+def _version_or_none(package: str) -> str:
+    """PEFT's MoE conversion decides how its LoRAs reach some layers (the table's `reach`)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 @functools.cache
@@ -129,24 +138,47 @@ def _trim(folder: Path) -> None:
 
 
 def _encode(table: RoleTable, key: str) -> dict:
-    rows = [[getattr(r, f).value if f == "role" else getattr(r, f) for f in _FIELDS] for r in table.roles.values()]
-    return {"format": FORMAT, "key": key, "model_type": table.model_type, "roles": rows}
+    def plain(v):
+        return v.value if isinstance(v, (Role, Reach)) else list(v) if isinstance(v, tuple) else v
+
+    rows = [[plain(getattr(r, f)) for f in _FIELDS] for r in table.roles.values()]
+    params = [[plain(getattr(p, f)) for f in _PARAM_FIELDS] for p in table.params.values()]
+    return {"format": FORMAT, "key": key, "model_type": table.model_type, "roles": rows, "params": params}
 
 
 def _decode(entry: dict, key: str) -> RoleTable:
+    """A stored table, every field type-checked (an entry is input like any file read back)."""
     if entry.get("format") != FORMAT or entry.get("key") != key:
         raise ValueError("another format or entry")
     roles = {}
-    for row in entry["roles"]:
-        if not isinstance(row, list) or len(row) != len(_FIELDS):
-            raise ValueError("malformed row")
-        k, param, role, module_class, scale, tied = row
-        if not all(isinstance(v, str) for v in (k, param, module_class)) or not isinstance(tied, (str, type(None))):
-            raise ValueError("malformed row")
+    for row in _rows(entry, "roles", len(_FIELDS)):
+        k, param, role, module_class, scale, tied, expert, part, unfusable, reach = row
+        _check_types((k, str), (param, str), (module_class, str), (unfusable, str), (tied, (str, type(None))),
+                     (expert, (int, type(None))), (part, int))
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
             raise ValueError("malformed row")
-        roles[k] = TensorRole(k, param, Role(role), module_class, None if scale is None else float(scale), tied)
+        roles[k] = TensorRole(k, param, Role(role), module_class, None if scale is None else float(scale), tied,
+                              expert, part, unfusable, Reach(reach))
+    params = {}
+    for name, shape, transposed, linear, reach in _rows(entry, "params", len(_PARAM_FIELDS)):
+        _check_types((name, str), (shape, list), (transposed, bool), (linear, bool))
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError("malformed shape")
+        params[name] = ParamInfo(name, tuple(shape), transposed, linear, Reach(reach))
     model_type = entry["model_type"]
     if not isinstance(model_type, str):
         raise ValueError("malformed model_type")
-    return RoleTable(model_type, roles)
+    return RoleTable(model_type, roles, params)
+
+
+def _rows(entry: dict, field: str, width: int) -> list:
+    rows = entry[field]
+    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == width for r in rows):
+        raise ValueError(f"malformed {field}")
+    return rows
+
+
+def _check_types(*pairs) -> None:
+    for value, kinds in pairs:
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,))):
+            raise ValueError("malformed row")

@@ -27,7 +27,7 @@ import re
 from ..optional import install_hint
 from . import role_cache
 from .meta import config_key, meta_build
-from .table import VOCAB_ROLES, Role, RoleTable, TensorRole, ties_embeddings  # noqa: F401 - the table's types, re-exported
+from .table import VOCAB_ROLES, ParamInfo, Reach, Role, RoleTable, TensorRole, ties_embeddings  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,24 @@ _FALLBACK_HEADS = ("lm_head.weight", "embed_out.weight")
 
 
 def role_table(config: dict, keys: list[str]) -> RoleTable:
-    """The role table of a checkpoint with this `config.json` and these tensor keys."""
-    model_type = config.get("model_type") or "?"
-    layers = _layer_count(config)
-    if layers > MAX_LAYERS:  # a hostile config would have the meta build run for ever
-        return _fallback(config, keys, f"config.json asks for {layers} layers (more than {MAX_LAYERS})", unknown=True)
-    cache_key = role_cache.entry_key(config_key(config), keys)
+    """The role table of a checkpoint with this `config.json` and these tensor keys (from the
+    role cache when an earlier run derived it)."""
+    config_json = config_key(config)
+    cache_key = role_cache.entry_key(config_json, keys)
     cached = role_cache.load(cache_key) if cache_key else None
     if cached is not None:
         return cached
+    table = derive(config, keys)
+    if cache_key and table.derived:
+        role_cache.store(cache_key, table)
+    return table
+
+
+def derive(config: dict, keys: list[str]) -> RoleTable:
+    """The table from the transformers classes (built on the meta device), or from names alone."""
+    layers = _layer_count(config)
+    if layers > MAX_LAYERS:  # a hostile config would have the meta build run for ever
+        return _fallback(config, keys, f"config.json asks for {layers} layers (more than {MAX_LAYERS})", unknown=True)
     try:
         model, transforms = meta_build(config)
     except ImportError as e:
@@ -60,10 +69,7 @@ def role_table(config: dict, keys: list[str]) -> RoleTable:
     except Exception as e:  # an unknown model_type or a config transformers rejects
         first = (str(e).splitlines() or [""])[0][:160]
         return _fallback(config, keys, f"transformers cannot build it ({type(e).__name__}: {first})", unknown=True)
-    table = _from_model(model, model_type, keys, transforms)
-    if cache_key:
-        role_cache.store(cache_key, table)
-    return table
+    return _from_model(model, config.get("model_type") or "?", keys, transforms)
 
 
 MAX_LAYERS = 1024  # the deepest published decoders have ~130
@@ -135,19 +141,70 @@ def _from_model(model, model_type: str, keys: list[str], transforms) -> RoleTabl
     by_param = _module_roles(model)
     tied = _tied_head(model, by_param)
     rename = _renamer(model, transforms)
+    params = _param_infos(model, by_param, model_type)
     roles: dict[str, TensorRole] = {}
     for key in keys:
-        param, converted = rename(key)
-        if converted:
-            roles[key] = TensorRole(key, param, Role.EXPERTS)
+        param, fused = rename(key)
+        info = params.get(param)
+        reach = info.reach if info else Reach.SAVED
+        if fused is not None:
+            expert, part, unfusable = fused
+            roles[key] = TensorRole(key, param, Role.EXPERTS, expert=expert, part=part, unfusable=unfusable,
+                                    reach=Reach.PARAMETER)
             continue
         r = by_param.get(param)
-        roles[key] = TensorRole(key, param, r.role, r.module_class, r.embed_scale) if r else TensorRole(key, param, Role.OTHER)
+        roles[key] = (TensorRole(key, param, r.role, r.module_class, r.embed_scale, reach=reach) if r
+                      else TensorRole(key, param, Role.OTHER))
     if tied:  # the head reads the embedding (and is absent from a tied checkpoint)
         head_key = _key_for(roles, tied[0]) or tied[0]
         roles[head_key] = TensorRole(head_key, tied[0], Role.LM_HEAD, by_param[tied[0]].module_class,
-                                     tied_to=_key_for(roles, tied[1]))
-    return RoleTable(model_type, roles)
+                                     tied_to=_key_for(roles, tied[1]), reach=params[tied[0]].reach)
+    return RoleTable(model_type, roles, params)
+
+
+def _param_infos(model, by_param: dict[str, TensorRole], model_type: str) -> dict[str, ParamInfo]:
+    """Every in-memory parameter (model order) with how a PEFT LoRA reaches it."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    has_experts = any(r.role is Role.EXPERTS for r in by_param.values())
+    remapped = peft_remapped_leaves(model_type) if has_experts else set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        owner = modules.get(module_name)
+        linear = isinstance(owner, (nn.Linear, nn.Embedding))
+        r = by_param.get(name)
+        role = r.role if r else Role.OTHER
+        out[name] = ParamInfo(name, tuple(tensor.shape), bool(getattr(owner, "is_transposed", False)), linear,
+                              _reach(role, tensor.dim(), linear, module_name.rpartition(".")[2] in remapped))
+    return out
+
+
+def _reach(role: Role, dim: int, linear: bool, remapped: bool) -> Reach:
+    """PEFT's rules: target_modules wraps nn.Linear / Conv1D / nn.Embedding owners; anything else
+    with a matrix per expert (3-D) or a bare matrix (a router's weight) only target_parameters
+    reaches; PEFT's own MoE conversion moves some Linear leaves there too (DeepSeek's expert names)."""
+    if dim == 3 and role is Role.EXPERTS:
+        return Reach.PARAMETER
+    if dim != 2:
+        return Reach.SAVED
+    if role in (Role.LINEAR, Role.CONV1D) or linear:
+        return Reach.PARAMETER if remapped else Reach.MODULE
+    return Reach.PARAMETER
+
+
+def peft_remapped_leaves(model_type: str | None) -> set[str]:
+    """Module names PEFT moves from target_modules to target_parameters on MoE models (its
+    transformers-v4 -> v5 config conversion): on DeepSeek-V3 a dense `mlp.gate_proj` listed in
+    target_modules would be taken for an expert projection and silently left out."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MOE_TARGET_MODULE_MAPPING
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+    except ImportError:  # no peft, or an older one: no conversion, nothing remapped
+        return set()
+    pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type or "", model_type)
+    return set(_MOE_TARGET_MODULE_MAPPING.get(pattern or "", {}))
 
 
 def _tied_head(model, by_param) -> tuple[str, str] | None:
@@ -164,7 +221,8 @@ def _key_for(roles: dict[str, TensorRole], param: str) -> str | None:
 
 
 def _renamer(model, transforms):
-    """checkpoint key -> (parameter name, whether a converter rewrites it), transformers' own rules."""
+    """checkpoint key -> (parameter name, None | (expert, part, unfusable) when a converter fuses
+    it at load), by transformers' own rules."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -172,11 +230,30 @@ def _renamer(model, transforms):
     meta = model.state_dict()
     prefix = getattr(model, "base_model_prefix", None)
 
-    def rename(key: str) -> tuple[str, bool]:
+    def rename(key: str):
         name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
-        return name, pattern is not None
+        return name, None if pattern is None else fused_place(key, pattern, converters)
 
     return rename
+
+
+def fused_place(key: str, pattern: str, converters) -> tuple[int | None, int, str]:
+    """(expert, part, why not) of a key a converter fuses at load: only stacked experts
+    (`MergeModulelist(dim=0)`), optionally concatenated along rows (`Concatenate(dim=1)`), are
+    mapped; anything else is recorded with its operations, for the paths that need it to refuse."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    converter = next(c for c in converters if pattern in c.source_patterns)
+    ops = list(getattr(converter, "operations", []))
+    ok = (len(ops) in (1, 2) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+          and (len(ops) == 1 or (isinstance(ops[1], Concatenate) and ops[1].dim == 1)))
+    if not ok:
+        return None, 0, (f"is converted at load by {[type(o).__name__ for o in ops]}, which stream-readapt does not "
+                         "map yet (only stacked experts, optionally concatenated along rows)")
+    expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    if expert is None:
+        return None, 0, f"has no expert index where {pattern!r} has '*'"
+    return int(expert.group(1)), converter.source_patterns.index(pattern), ""
 
 
 def _reverse_names(model, transforms) -> list[str]:

@@ -1,7 +1,11 @@
 """The per-key table of one architecture: what each checkpoint tensor is, and where it lives.
 
-Built by `roles.role_table` (from the transformers classes, or names alone) and kept between
-runs by `role_cache`; read by every path (extract, LoRE, merge, patch_model, the MoE split).
+One row per checkpoint key: its role, the in-memory parameter it loads into (and, for a
+per-expert key fused at load, which expert and which of the concatenated parts), whether it is
+stored transposed, and how a PEFT LoRA reaches it (`Reach`); one record per in-memory
+parameter (shape, orientation, reach). Built by `roles.role_table` (from the transformers
+classes, or names alone) and kept between runs by `role_cache`; read by every path (extract,
+LoRE, merge, patch_model, the MoE split through its `naming.NameMap` view).
 """
 
 from __future__ import annotations
@@ -24,9 +28,30 @@ class Role(str, Enum):
 
 
 VOCAB_ROLES = (Role.EMBEDDING, Role.LM_HEAD)
+
+
+class Reach(str, Enum):
+    """How a PEFT LoRA reaches a parameter (what `target_modules` / `target_parameters` can wrap)."""
+
+    MODULE = "module"  # its nn.Linear / Conv1D / nn.Embedding owner, by target_modules
+    PARAMETER = "parameter"  # by target_parameters (ParamWrapper): experts, a router's bare matrix
+    SAVED = "saved"  # no LoRA reaches it: saved whole (modules_to_save) or as a bias (bias="all")
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """An in-memory parameter of the architecture: its shape and how PEFT reaches it."""
+
+    name: str
+    shape: tuple[int, ...]
+    transposed: bool = False  # experts stored [E, in, out] (gpt-oss), not [E, out, in]
+    linear: bool = True  # owned by an nn.Linear / nn.Embedding (a PEFT target_modules target)
+    reach: Reach = Reach.MODULE
+
+
 @dataclass(frozen=True)
 class TensorRole:
-    """One parameter: its checkpoint key, its in-memory name, and what it is."""
+    """One checkpoint tensor: its key, the in-memory parameter it loads into, and what it is."""
 
     key: str  # checkpoint key (on disk)
     param: str  # parameter name in the loaded transformers model (what PEFT adapters use)
@@ -34,6 +59,13 @@ class TensorRole:
     module_class: str = ""
     embed_scale: float | None = None  # a scaled embedding multiplies its rows by this
     tied_to: str | None = None  # a tied lm_head: the checkpoint key of the embedding it reads
+    # A per-expert key fused at load: expert `expert` of `param`, `part`-th of the tensors
+    # concatenated along its rows (Mixtral's w1, w3 -> gate_up_proj); `unfusable` names the
+    # converter operations when transformers fuses it in a way this tool does not map.
+    expert: int | None = None
+    part: int = 0
+    unfusable: str = ""
+    reach: Reach = Reach.SAVED
 
     @property
     def module(self) -> str:
@@ -51,6 +83,7 @@ class RoleTable:
 
     model_type: str
     roles: dict[str, TensorRole] = field(default_factory=dict)  # by checkpoint key
+    params: dict[str, ParamInfo] = field(default_factory=dict)  # every in-memory parameter, model order
     derived: bool = True  # False: names only (transformers missing or the model_type unknown)
     reason: str = ""  # why not derived
     unknown: bool = False  # transformers is there but cannot build this model_type: refuse, never guess

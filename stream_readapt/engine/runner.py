@@ -1,10 +1,17 @@
-"""Plan → work units → runner: the one seam every elementwise streaming pass goes through.
+"""Plan → work units → runner: the one seam every pass goes through.
 
-`plan_shards` turns the planned tensors of a pass into work units, one per output shard (the
-base model's shard layout, or shards of at most `max_shard_size`), in write order. A runner
-streams the units through a `StreamWork` (what to read for a row block and how to compute it)
-into a checkpoint writer. `LocalRunner` runs every unit in this process, in order; a runner
-over several processes takes the same plan and hands the units out.
+Two kinds of pass:
+
+- Elementwise passes (extract, merge): `plan_shards` turns the planned tensors into work units,
+  one per output shard (the base model's shard layout, or shards of at most `max_shard_size`),
+  in write order. A runner streams the units through a `StreamWork` (what to read for a row
+  block and how to compute it) into a checkpoint writer.
+- Unit passes (LoRE): each unit (a matrix's SVD, a parameter's experts) is computed on its own
+  by `UnitWork.compute` and its result written by `UnitWork.write`, in plan order, by one
+  writer (a LoRE-Adapter is one PEFT file). Results are small (factors); computing is the cost.
+
+`LocalRunner` runs every unit in this process, in order; a runner over several processes takes
+the same plans, hands the units out, and has the writer's process write the results in order.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -76,6 +83,16 @@ class StreamWork(Protocol):
     def compute(self, job: Job) -> torch.Tensor: ...
 
 
+class UnitWork(Protocol):
+    """A pass of independent units: `compute` may run anywhere, `write` runs in plan order."""
+
+    def cost(self, unit) -> int: ...  # progress (and balance) weight: elements of the unit
+
+    def compute(self, unit) -> Any: ...  # the unit's result (factors), or None: `write` streams it
+
+    def write(self, unit, result) -> None: ...
+
+
 @dataclass(frozen=True)
 class ShardOutput:
     """Where a pass writes: the (partial) folder, the shard file prefix, the safetensors metadata."""
@@ -94,3 +111,9 @@ class LocalRunner:
             work.bind(blocks)
             stream_pass(writer, plan.order, dtype_of=plan.dtype_of, blocks=blocks, reads_of=work.reads_of,
                         compute=work.compute, block_bytes=run.block_bytes, bar=bar, state=work.state)
+
+    def run_units(self, units: Sequence, work: UnitWork, run: RunOptions, label: str) -> None:
+        with progress(sum(work.cost(u) for u in units), label, run.quiet) as bar:
+            for unit in units:
+                work.write(unit, work.compute(unit))
+                bar.update(work.cost(unit))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +33,8 @@ from ..engine.manifest import (
     write_manifest,
 )
 from ..engine.options import RunOptions
-from ..engine.streaming import check_finite, progress, row_blocks
+from ..engine.runner import LocalRunner
+from ..engine.streaming import check_finite, row_blocks
 from ..io.checkpoint import Checkpoint
 from ..io.ownership import raise_allocation_error
 from ..io.writer import OutputFolder, SafetensorsShardWriter
@@ -42,9 +43,10 @@ from ..peft_format.format import PREFIX, factor_keys, write_adapter_config
 from .param_targets import (
     add_target_parameters,
     options_from,
+    ParamTarget,
     param_keys,
+    param_target_factors,
     plan_param_targets,
-    write_param_targets,
 )
 from .svd import LowRankFactors, randomized_svd
 from .target import RankTarget
@@ -200,14 +202,14 @@ def extract_lore(
         with out_folder as tmp:
             keys = adapter_keys(targets) + param_keys(ptargets)
             writer = SafetensorsShardWriter(tmp / "adapter_model.safetensors", keys, safetensors_metadata(manifest))
+            lora_modules = {t.module for t in targets if t.role in ("lora", "embedding")}
+            work = LoreWork(writer, phi, theta, run, svd, lora_modules)
             try:
-                modules = _write_targets(writer, targets, phi, theta, run, svd)
-                modules.update(write_param_targets(
-                    writer, ptargets, phi, theta, lambda k: run.dtype or theta.info(k).dtype, run.device,
-                    options_from(svd.target, svd.seed), EXPERT_CHUNK))
+                LocalRunner().run_units([*targets, *ptargets], work, run, "lore")
                 writer.finalize()
             finally:
                 writer.close()
+            modules = work.modules
             manifest["modules"] = modules
             manifest["serving"] = serving_report(modules)
             config = adapter_config(targets, modules, phi.source, bool(copies))
@@ -221,22 +223,44 @@ def extract_lore(
     return manifest
 
 
-def _write_targets(writer, targets, phi, theta, run: RunOptions, svd: SvdSettings) -> dict:
-    lora_modules = {t.module for t in targets if t.role in ("lora", "embedding")}
-    modules = {}
-    bar = progress(sum(math.prod(t.pair.shape) for t in targets), "lore", run.quiet)
-    try:
-        for t in targets:
-            dtype = run.dtype or theta.info(t.source or t.pair.name).dtype
-            if t.role in ("lora", "embedding"):
-                modules[t.module] = _write_lowrank(writer, t, phi, theta, dtype, run, svd)
-            else:
-                _write_full(writer, t, _full_key(t, lora_modules), theta, dtype, run.block_bytes)
-                modules.setdefault(t.module, as_json(ModuleStats("full", list(t.pair.shape))))
-            bar.update(math.prod(t.pair.shape))
-    finally:
-        bar.close()
-    return modules
+@dataclass
+class LoreWork:
+    """LoRE's units on the runner: a matrix's SVD, a parameter's experts (computed, then written
+    in plan order), or a tensor kept full (streamed by the writer)."""
+
+    writer: SafetensorsShardWriter
+    phi: Checkpoint
+    theta: Checkpoint
+    run: RunOptions
+    svd: SvdSettings
+    lora_modules: set[str]
+    modules: dict = field(default_factory=dict)  # manifest records by module / parameter
+
+    def cost(self, unit) -> int:
+        return math.prod(unit.info.shape if isinstance(unit, ParamTarget) else unit.pair.shape)
+
+    def _dtype(self, key: str) -> torch.dtype:
+        return self.run.dtype or self.theta.info(key).dtype
+
+    def compute(self, unit):
+        if isinstance(unit, ParamTarget):
+            return param_target_factors(unit, self.phi, self.theta, self._dtype(unit.pieces[0].key), self.run.device,
+                                        options_from(self.svd.target, self.svd.seed), EXPERT_CHUNK)
+        if unit.role in ("lora", "embedding"):
+            return lowrank_factors(unit, self.phi, self.theta, self._dtype(unit.source or unit.pair.name),
+                                   self.run, self.svd)
+        return None
+
+    def write(self, unit, result) -> None:
+        if result is None:
+            _write_full(self.writer, unit, _full_key(unit, self.lora_modules), self.theta,
+                        self._dtype(unit.source or unit.pair.name), self.run.block_bytes)
+            self.modules.setdefault(unit.module, as_json(ModuleStats("full", list(unit.pair.shape))))
+            return
+        tensors, record = result
+        for key, tensor in tensors:
+            self.writer.add(key, tensor.cpu())
+        self.modules[unit.info.name if isinstance(unit, ParamTarget) else unit.module] = record
 
 
 def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes: int) -> tuple[torch.Tensor, float]:
@@ -254,7 +278,9 @@ def delta_matrix(t: Target, phi: Checkpoint, theta: Checkpoint, dev, block_bytes
     return delta, math.sqrt(base_sq)
 
 
-def _write_lowrank(writer, t: Target, phi, theta, dtype, run: RunOptions, svd: SvdSettings) -> dict:
+def lowrank_factors(t: Target, phi, theta, dtype, run: RunOptions,
+                    svd: SvdSettings) -> tuple[list[tuple[str, torch.Tensor]], dict]:
+    """A matrix's LoRE factors as PEFT keys them (key, tensor), and its manifest record."""
     try:
         delta, base_norm = delta_matrix(t, phi, theta, run.device, run.block_bytes)
         # A Conv1D weight is stored [in, out]; PEFT's factors are for its [out, in] transpose.
@@ -269,13 +295,11 @@ def _write_lowrank(writer, t: Target, phi, theta, dtype, run: RunOptions, svd: S
     check_finite(A, t.pair.name)  # a float16 cast can overflow to Inf
     if t.role == "embedding":  # PEFT's embedding delta is (B·A)ᵀ: store the transposed factors
         a_key, b_key = factor_keys(t.module, embedding=True)
-        writer.add(a_key, B.T.contiguous().cpu())
-        writer.add(b_key, A.T.contiguous().cpu())
+        tensors = [(a_key, B.T.contiguous()), (b_key, A.T.contiguous())]
     else:
         a_key, b_key = factor_keys(t.module)
-        writer.add(a_key, A.cpu())
-        writer.add(b_key, B.cpu())
-    return module_record(t, f, base_norm)
+        tensors = [(a_key, A), (b_key, B)]
+    return tensors, module_record(t, f, base_norm)
 
 
 def module_record(t: Target, f: LowRankFactors, base_norm: float) -> dict:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..arch.naming import NameMap, ParamInfo, Piece
-from ..arch.table import Role, RoleTable
+from ..arch.table import Reach, Role, RoleTable
 from ..engine.streaming import check_finite
 from ..io.safetensors_reader import CheckpointError
 from ..optional import missing
@@ -106,10 +106,9 @@ def split_param_targets(targets: list, names: NameMap) -> ParamPlan:
     """Take experts and non-Linear weights out of `targets` as parameter targets."""
     targets, wholes = _whole_modules(targets)
     chosen: dict[str, list[Piece]] = {}
-    remapped = peft_remapped_leaves(names.model_type)
     for t in targets:
         piece = names.pieces.get(t.pair.name)
-        if piece is not None and _by_parameter(piece, names.params.get(piece.param), t, remapped):
+        if piece is not None and _by_parameter(piece, names.params.get(piece.param), t):
             chosen.setdefault(piece.param, []).append(piece)
     owners: dict[str, list[str]] = {}
     for param in names.params:  # model order: the first parameter is the innermost wrapper
@@ -139,31 +138,16 @@ def _whole_modules(targets: list) -> tuple[list, set[str]]:
     return out, wholes
 
 
-def peft_remapped_leaves(model_type: str | None) -> set[str]:
-    """Module names PEFT moves from target_modules to target_parameters on MoE models (its
-    transformers-v4 -> v5 config conversion): on DeepSeek-V3 a dense `mlp.gate_proj` listed in
-    target_modules would be taken for an expert projection and silently left out."""
-    try:
-        from peft.utils.transformers_weight_conversion import _MOE_TARGET_MODULE_MAPPING
-        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
-    except ImportError:  # older peft: no conversion, nothing remapped
-        return set()
-    pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type or "", model_type)
-    return set(_MOE_TARGET_MODULE_MAPPING.get(pattern or "", {}))
-
-
-def _by_parameter(piece: Piece, info: ParamInfo | None, t, remapped: set[str]) -> bool:
-    role = t.role
-    if info is None or role == "bias":
+def _by_parameter(piece: Piece, info: ParamInfo | None, t) -> bool:
+    """Whether target `t` goes in as a ParamWrapper: the table says PEFT reaches its parameter only
+    by target_parameters; an expert or a Linear leaf PEFT remaps goes there whatever its LoRE role,
+    a bare matrix only when it is low-rank."""
+    reach = t.pair.role.reach if t.pair.role is not None else Reach.SAVED
+    if info is None or t.role == "bias" or reach is not Reach.PARAMETER:
         return False
-    if t.pair.kind in (Role.LINEAR, Role.CONV1D) and piece.expert is None and len(info.shape) == 2:
-        # a layer PEFT reaches by target_modules (GPT-2's Conv1D too, with fan_in_fan_out)
-        return bool(piece.param.rpartition(".")[0].rpartition(".")[2] in remapped)
-    if piece.expert is not None or (len(info.shape) == 3 and t.pair.kind is Role.EXPERTS):
+    if piece.expert is not None or len(info.shape) == 3 or t.pair.kind in (Role.LINEAR, Role.CONV1D):
         return True
-    module = piece.param.rpartition(".")[0]
-    leaf = module.rpartition(".")[2]
-    return role == "lora" and len(info.shape) == 2 and (not info.linear or leaf in remapped)
+    return t.role == "lora"
 
 
 def _as_bias(t, wrappers: dict[str, int], names: NameMap):
@@ -206,21 +190,20 @@ def add_target_parameters(config: dict, plan: ParamPlan, modules: dict) -> None:
         config["alpha_pattern"][pt.info.name] = rank
 
 
-def write_param_targets(writer, ptargets, phi, theta, dtype_of, dev, options: ExpertOptions, chunk: int) -> dict:
-    """Each parameter's per-expert LoRE, packed and written; returns manifest records by parameter."""
-    records = {}
-    for pt in ptargets:
-        factors, base_sq = _factors(pt, phi, theta, dev, options, chunk)
-        pack = pack_for_peft(factors, transposed=pt.info.transposed)
-        dtype = dtype_of(pt.pieces[0].key)
-        for part, tensor in (("A", pack.A), ("B", pack.B)):
-            tensor = tensor.to(dtype)
-            check_finite(tensor, pt.info.name)
-            writer.add(f"{pt.key}.lora_{part}.weight", tensor)
-        records[pt.info.name] = _record(pt, factors, pack, math.sqrt(base_sq))
-        logger.info("%s: ranks %d-%d over %d experts, padded to %d (%.0f%% padding)", pt.info.name,
-                    min(pack.ranks), max(pack.ranks), len(pack.ranks), pack.rank, 100 * pack.padding)
-    return records
+def param_target_factors(pt: ParamTarget, phi, theta, dtype, dev, options: ExpertOptions,
+                         chunk: int) -> tuple[list[tuple[str, torch.Tensor]], dict]:
+    """One parameter's per-expert LoRE, packed as PEFT's ParamWrapper factors (key, tensor) in
+    `dtype`, and its manifest record."""
+    factors, base_sq = _factors(pt, phi, theta, dev, options, chunk)
+    pack = pack_for_peft(factors, transposed=pt.info.transposed)
+    tensors = []
+    for part, tensor in (("A", pack.A), ("B", pack.B)):
+        tensor = tensor.to(dtype)
+        check_finite(tensor, pt.info.name)
+        tensors.append((f"{pt.key}.lora_{part}.weight", tensor))
+    logger.info("%s: ranks %d-%d over %d experts, padded to %d (%.0f%% padding)", pt.info.name,
+                min(pack.ranks), max(pack.ranks), len(pack.ranks), pack.rank, 100 * pack.padding)
+    return tensors, _record(pt, factors, pack, math.sqrt(base_sq))
 
 
 def _record(pt: ParamTarget, factors, pack, base_norm: float) -> dict:
