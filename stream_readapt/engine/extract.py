@@ -28,6 +28,7 @@ from .manifest import (
     new_manifest,
     safetensors_metadata,
     write_manifest,
+    write_plain_config,
 )
 from .options import RunOptions
 from .runner import LocalRunner, ShardOutput, plan_shards
@@ -85,6 +86,7 @@ def extract(
     out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct), resume=resume)
     run = RunOptions.resolve(device=device, dtype=dtype, max_shard_size=max_shard_size, block_bytes=block_bytes, quiet=quiet)
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
+        run = run.for_inputs(phi, theta, what="the RE-Adapter")
         pairs = plan_pairs(phi, theta)
         chosen = select([p.name for p in pairs], include, exclude)
         pairs = [p for p in pairs if p.name in chosen]
@@ -100,6 +102,7 @@ def extract(
             manifest["tensors"] = _write_deltas(tmp, pairs, phi, theta, run, manifest)
             manifest["inexact_elements"] = sum(t["inexact"] for t in manifest["tensors"].values())
             copy_side_files(theta.folder, tmp)
+            write_plain_config(tmp)
             write_manifest(tmp, manifest)
     manifest["output"] = str(output)
     return manifest

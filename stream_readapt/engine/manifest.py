@@ -161,3 +161,16 @@ def copy_side_files(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> list
             shutil.copyfile(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def write_plain_config(folder: Path) -> None:
+    """Drop a copied config's quantization_config: what this tool writes is plain floats."""
+    from ..io.quantized import plain_config
+
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    config = load_json_object(path)
+    if config != plain_config(config):
+        with open(path, "w") as fh:
+            json.dump(plain_config(config), fh, indent=2)

@@ -38,6 +38,7 @@ from .manifest import (
     new_manifest,
     safetensors_metadata,
     write_manifest,
+    write_plain_config,
 )
 from .options import RunOptions, Scales
 from .runner import LocalRunner, ShardOutput, plan_shards
@@ -89,6 +90,7 @@ def merge(
         delta = InstructDelta(Checkpoint.open(instruct, revision=revision)) if instruct else open_readapter(readapter)
         psi = PeftAdapter(knowledge) if knowledge else None
         try:
+            run = run.for_inputs(phi, getattr(delta, "ckpt", None), what=None)
             _check_recorded_base(delta, phi, ignore_base_mismatch)
             pairs = delta.plan(phi)
             if psi is not None:
@@ -187,6 +189,7 @@ def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPlan]
         copied.append("config.json")
     if "config.json" not in copied:
         copy_side_files(phi.folder, tmp, skip=tuple(copied))
+    write_plain_config(tmp)  # the tensors are plain floats, whatever the inputs were
     config_path = tmp / "config.json"
     if config_path.is_file() and any(p.kind is Role.LM_HEAD for p in pairs):
         # A separate lm_head was written: the config must not tie it back to the embeddings.

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import logging
 
 import torch
 
 from .streaming import DEFAULT_BLOCK_BYTES, block_bytes_for, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,22 @@ class RunOptions:
         """From the user's spelling (`"auto"`, `"bfloat16"`), checked; `block_bytes` None: the device's best."""
         dev = resolve_device(device)
         return cls(dev, resolve_dtype(dtype), max_shard_size, block_bytes_for(dev, block_bytes), quiet)
+
+    def for_inputs(self, *ckpts, what: str) -> "RunOptions":
+        """The options for these inputs: a quantized input (read as float32) has no dtype of its
+        own to keep, so the output is bfloat16 unless `--dtype` says otherwise (`what`: None
+        refuses instead, naming the option, where writing the quantized format back is the
+        default that is not built yet)."""
+        quantized = [c for c in ckpts if getattr(c, "scheme", None) is not None]
+        if self.dtype is not None or not quantized:
+            return self
+        if what is None:
+            raise ValueError(f"{quantized[0].source} is quantized ({quantized[0].scheme.describe()}): writing that "
+                             "format back is not supported yet; pass --dtype bfloat16 (or float16/float32) for a "
+                             "plain checkpoint")
+        logger.info("%s is quantized (%s): writing %s in bfloat16 (--dtype to choose)", quantized[0].source,
+                    quantized[0].scheme.describe(), what)
+        return replace(self, dtype=torch.bfloat16)
 
     @property
     def dtype_name(self) -> str | None:

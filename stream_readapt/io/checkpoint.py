@@ -18,6 +18,7 @@ import torch
 
 from .hub import resolve_model_dir
 from .jsonfile import load_json_object, optional_json_object
+from .quantized import DequantizedCheckpoint, scheme_of
 from .safetensors_reader import CheckpointError, SafetensorsFile, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,18 @@ class Checkpoint:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "Checkpoint":
+        """The folder's tensors; a quantized checkpoint (config.json's quantization_config) is read
+        as float32 tensors, its scales folded in (`quantized.DequantizedCheckpoint`)."""
+        ckpt = cls._files_of(folder)
+        try:
+            scheme = scheme_of(ckpt.config, ckpt.source)
+        except BaseException:
+            ckpt.close()
+            raise
+        return ckpt if scheme is None else DequantizedCheckpoint(ckpt, scheme)
+
+    @classmethod
+    def _files_of(cls, folder: str | os.PathLike) -> "Checkpoint":
         folder = Path(folder)
         index = next((folder / n for n in INDEX_FILES if (folder / n).is_file()), None)
         single = next((folder / n for n in SINGLE_FILES if (folder / n).is_file()), None)

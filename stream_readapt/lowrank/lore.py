@@ -37,6 +37,7 @@ from ..engine.runner import LocalRunner
 from ..engine.streaming import check_finite, row_blocks
 from ..io.checkpoint import Checkpoint
 from ..io.ownership import raise_allocation_error
+from ..io.quantized import plain_config
 from ..io.writer import OutputFolder, SafetensorsShardWriter
 from ..optional import require
 from ..peft_format.format import PREFIX, factor_keys, write_adapter_config
@@ -177,6 +178,7 @@ def extract_lore(
     out_folder = OutputFolder(output, overwrite=overwrite, inputs=(base, instruct))
     run = RunOptions.resolve(device=device, dtype=dtype, block_bytes=block_bytes, quiet=quiet)
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
+        run = run.for_inputs(phi, theta, what="the LoRE-Adapter")
         pairs = plan_pairs(phi, theta)
         table = roles_of(phi, theta.names)
         targets = classify(pairs, select([p.name for p in pairs], include, exclude), embeddings, table)
@@ -197,7 +199,7 @@ def extract_lore(
             energy=energy, rank=rank, max_error=max_error, max_rank=max_rank, seed=seed, embeddings=embeddings,
             dtype=run.dtype_name or "inputs",
             tied_copies=[t.pair.name for t in copies],
-            instruct_config=theta.config,
+            instruct_config=plain_config(theta.config),
         )
         with out_folder as tmp:
             keys = adapter_keys(targets) + param_keys(ptargets)

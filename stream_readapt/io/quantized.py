@@ -1,0 +1,260 @@
+"""Quantized checkpoints read as float32, a row block at a time.
+
+A checkpoint whose config.json declares a `quantization_config` stores some weights as 8-bit
+values plus scales. Readaptation is arithmetic on the weights, so such a checkpoint is read
+through `DequantizedCheckpoint`: a weight and its scale companion are one float32 tensor
+(value × scale, per scale block), the scales are never tensors of their own (no Δ of a scale),
+and rows are dequantized as they are read, so memory stays a few row blocks whatever the size.
+
+Read exactly (every scale block, edge blocks included):
+
+- `quant_method: "fp8"` (transformers' fine-grained FP8: DeepSeek-V3/V3.1, Kimi-K2, Qwen3 -FP8):
+  float8_e4m3fn weights with a float32 `weight_scale_inv` per `weight_block_size` block (or one
+  per tensor when no block size is given);
+- `quant_method: "compressed-tensors"`, formats `float-quantized`, `int-quantized` and
+  `naive-quantized` with 8-bit symmetric weights (`weight_scale` per tensor, channel, group or
+  block): Red Hat's W8A8 / FP8-dynamic releases.
+
+Everything else a config may declare (GPTQ, AWQ, bitsandbytes, packed int4, NVFP4, MXFP4 …)
+is refused in one line naming the method and the way out: a guess at a format would give a
+silently wrong model. Activation scales (`input_scale`) are dropped: they describe the
+quantized forward, not the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .safetensors_reader import CheckpointError, TensorInfo
+
+_WHOLE = 1 << 62  # a block dimension spanning the whole tensor
+_FIX = ("dequantize it first (load it in transformers with the method's dequantize option, or its own "
+        "tool, and save_pretrained in bfloat16), or use the unquantized release")
+_DROPPED_SUFFIXES = (".input_scale", ".k_scale", ".v_scale", ".output_scale")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one checkpoint's quantized weights are laid out."""
+
+    method: str  # "fp8" or "compressed-tensors"
+    scale_suffix: str  # the companion of `<module>.weight`: "weight_scale_inv" / "weight_scale"
+    block: tuple[int, int] | None  # rows × columns one scale covers; None: from the strategy (below)
+    strategy: str = "block"  # compressed-tensors: tensor / channel / group / block
+    group_size: int = 0
+
+    def describe(self) -> str:
+        if self.method == "fp8":
+            return f"fine-grained FP8, {self.block[0]}×{self.block[1]} blocks" if self.block else "FP8, per tensor"
+        grain = f"group {self.group_size}" if self.strategy == "group" else self.strategy
+        return f"compressed-tensors 8-bit, per {grain}"
+
+    def block_for(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """Rows × columns one scale covers in a weight of `shape` (_WHOLE: all of that dimension)."""
+        if self.block is not None:
+            return self.block
+        return {"tensor": (_WHOLE, _WHOLE), "channel": (1, _WHOLE), "group": (1, self.group_size)}[self.strategy]
+
+
+def scheme_of(config: dict, source: str) -> QuantScheme | None:
+    """The checkpoint's quantization scheme (None: not quantized); refuses what is not read exactly."""
+    qc = config.get("quantization_config")
+    if qc is None and isinstance(config.get("text_config"), dict):
+        qc = config["text_config"].get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{source}/config.json: quantization_config must be an object")
+    method = qc.get("quant_method")
+    if method == "fp8":
+        return _fp8_scheme(qc, source)
+    if method == "compressed-tensors":
+        return _compressed_scheme(qc, source)
+    raise CheckpointError(f"{source}: quantization_config.quant_method {method!r} is not read by stream-readapt "
+                          f"(it reads fine-grained FP8 and 8-bit compressed-tensors): {_FIX}")
+
+
+def _fp8_scheme(qc: dict, source: str) -> QuantScheme:
+    if qc.get("scale_fmt", "float") != "float":
+        raise CheckpointError(f"{source}: FP8 with scale_fmt {qc.get('scale_fmt')!r} scales is not read by "
+                              f"stream-readapt (float32 scales only): {_FIX}")
+    if qc.get("expert_dtype", "fp8") != "fp8":
+        raise CheckpointError(f"{source}: FP8 with {qc.get('expert_dtype')!r} experts is not read by stream-readapt: {_FIX}")
+    block = qc.get("weight_block_size")
+    if block is not None and (not isinstance(block, list) or len(block) != 2
+                              or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise CheckpointError(f"{source}/config.json: quantization_config.weight_block_size must be two positive "
+                              f"integers, got {block!r}")
+    return QuantScheme("fp8", "weight_scale_inv", tuple(block) if block else (_WHOLE, _WHOLE))
+
+
+def _compressed_scheme(qc: dict, source: str) -> QuantScheme:
+    fmt = qc.get("format")
+    if fmt not in ("float-quantized", "int-quantized", "naive-quantized"):
+        raise CheckpointError(f"{source}: compressed-tensors format {fmt!r} is not read by stream-readapt "
+                              f"(float-quantized, int-quantized and naive-quantized 8-bit weights only): {_FIX}")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise CheckpointError(f"{source}: compressed-tensors with {len(groups or {})} config groups is not read by "
+                              f"stream-readapt (one group only): {_FIX}")
+    weights = next(iter(groups.values())).get("weights") or {}
+    strategy, bits = weights.get("strategy"), weights.get("num_bits")
+    if bits != 8 or weights.get("symmetric") is False or weights.get("dynamic") is True:
+        raise CheckpointError(f"{source}: compressed-tensors weights of {bits} bits (symmetric="
+                              f"{weights.get('symmetric')}) are not read by stream-readapt (8-bit symmetric only): {_FIX}")
+    if strategy == "block":
+        structure = weights.get("block_structure")
+        if not (isinstance(structure, list) and len(structure) == 2 and all(isinstance(b, int) and b > 0 for b in structure)):
+            raise CheckpointError(f"{source}: compressed-tensors block strategy without a block_structure: {_FIX}")
+        return QuantScheme("compressed-tensors", "weight_scale", tuple(structure), "block")
+    if strategy == "group":
+        size = weights.get("group_size")
+        if not isinstance(size, int) or size <= 0:
+            raise CheckpointError(f"{source}: compressed-tensors group strategy without a positive group_size: {_FIX}")
+        return QuantScheme("compressed-tensors", "weight_scale", None, "group", size)
+    if strategy in ("tensor", "channel"):
+        return QuantScheme("compressed-tensors", "weight_scale", None, strategy)
+    raise CheckpointError(f"{source}: compressed-tensors strategy {strategy!r} is not read by stream-readapt: {_FIX}")
+
+
+def dequantize_rows(q: torch.Tensor, scale_rows: torch.Tensor, row0: int, first_scale_row: int,
+                    block: tuple[int, int]) -> torch.Tensor:
+    """Rows [row0, row0 + len(q)) of a quantized matrix as float32: each value times the scale of
+    its block (`block`: rows × columns, at most the matrix's). `scale_rows` are the scale rows
+    from `first_scale_row` on that cover those rows."""
+    out = q.to(torch.float32)
+    scale = scale_rows.to(torch.float32)
+    if scale.numel() == 1:
+        return out.mul_(scale.reshape(()))
+    bn, bk = block
+    rows, cols = out.shape
+    per_row = scale.reshape(scale.shape[0], -1)[torch.arange(row0, row0 + rows) // bn - first_scale_row]
+    full, rem = divmod(cols, bk)
+    # each scale broadcast over its columns through a view: no second block-sized tensor
+    out[:, : full * bk].unflatten(1, (full, bk)).mul_(per_row[:, :full, None])
+    if rem:
+        out[:, full * bk:].mul_(per_row[:, full: full + 1])
+    return out
+
+
+class DequantizedCheckpoint:
+    """A quantized checkpoint seen as float32 tensors: the same API as `Checkpoint`, scales hidden.
+
+    Built by `Checkpoint.from_folder` when config.json declares a quantization_config."""
+
+    def __init__(self, inner, scheme: QuantScheme):
+        self.inner, self.scheme = inner, scheme
+        self.folder, self.files, self.source = inner.folder, inner.files, inner.source
+        self.scale_of: dict[str, str] = {}  # quantized weight -> its scale companion
+        hidden = set()
+        for name in inner.weight_map:
+            if name.endswith("." + scheme.scale_suffix):
+                weight = name[: -len(scheme.scale_suffix)] + "weight"
+                if weight not in inner.weight_map:
+                    raise CheckpointError(f"{inner.source}: scale {name!r} has no weight {weight!r}")
+                self.scale_of[weight] = name
+                hidden.add(name)
+            elif name.endswith(_DROPPED_SUFFIXES) or name.endswith(".weight_zero_point"):
+                if name.endswith(".weight_zero_point"):
+                    raise CheckpointError(f"{inner.source}: tensor {name!r}: asymmetric quantization (zero points) "
+                                          f"is not read by stream-readapt: {_FIX}")
+                hidden.add(name)
+        self.weight_map = {n: f for n, f in inner.weight_map.items() if n not in hidden}
+        for weight in self.scale_of:
+            self._check(weight)
+        self._names = None
+
+    def _block(self, weight: str) -> tuple[int, int]:
+        """The scale block of `weight`, at most the matrix itself."""
+        rows, cols = self.inner.info(weight).shape
+        bn, bk = self.scheme.block_for((rows, cols))
+        return min(bn, rows) or 1, min(bk, cols) or 1
+
+    def _check(self, weight: str) -> None:
+        info, scale = self.inner.info(weight), self.inner.info(self.scale_of[weight])
+        if len(info.shape) != 2:
+            raise CheckpointError(f"{self.source}: quantized tensor {weight!r} has shape {list(info.shape)}: "
+                                  "only quantized matrices are read")
+        if info.dtype not in (torch.float8_e4m3fn, torch.int8) or not scale.dtype.is_floating_point:
+            raise CheckpointError(f"{self.source}: quantized tensor {weight!r} is {info.dtype} with "
+                                  f"{scale.dtype} scales: not the declared {self.scheme.describe()}")
+        bn, bk = self._block(weight)
+        want = (math.ceil(info.shape[0] / bn), math.ceil(info.shape[1] / bk))
+        if math.prod(scale.shape) != math.prod(want) or (len(scale.shape) == 2 and tuple(scale.shape) != want):
+            raise CheckpointError(f"{self.source}: scale {self.scale_of[weight]!r} has shape {list(scale.shape)}, "
+                                  f"but {self.scheme.describe()} of a {list(info.shape)} weight needs {list(want)}")
+
+    # -- the Checkpoint API ------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        if self._names is None:
+            self._names = [n for n in self.inner.names if n in self.weight_map]
+        return self._names
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def file_of(self, name: str):
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.source}: no tensor named {name!r}")
+        return self.inner.file_of(name)
+
+    def info(self, name: str) -> TensorInfo:
+        info = self.file_of(name).info(name)
+        if name in self.scale_of:  # served as float32
+            return dataclasses.replace(info, dtype=torch.float32, nbytes=info.numel * 4)
+        return info
+
+    def quantized(self, name: str) -> bool:
+        return name in self.scale_of
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None, *, out=None) -> torch.Tensor:
+        if name not in self.scale_of:
+            return self.file_of(name).read_rows(name, start, stop, out=out)
+        rows = self.inner.info(name).shape[0]
+        stop = rows if stop is None else min(stop, rows)
+        q = self.inner.read_rows(name, start, stop)
+        scale_name, (bn, bk) = self.scale_of[name], self._block(name)
+        first = start // bn
+        if math.prod(self.inner.info(scale_name).shape) == 1 or stop <= start:
+            scale = self.inner.read(scale_name)
+        else:  # only the scale rows these rows use
+            scale = self.inner.read_rows(scale_name, first, (stop - 1) // bn + 1)
+        block = dequantize_rows(q, scale, start, first, (bn, bk))
+        return block if out is None else out.copy_(block)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.read_rows(name, 0, None)
+
+    @property
+    def config(self) -> dict:
+        return self.inner.config
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.info(n).nbytes for n in self.weight_map)
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def plain_config(config: dict) -> dict:
+    """`config` of a checkpoint written in plain floats: no quantization_config to mislead a loader."""
+    config = dict(config)
+    config.pop("quantization_config", None)
+    if isinstance(config.get("text_config"), dict) and "quantization_config" in config["text_config"]:
+        config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
+    return config

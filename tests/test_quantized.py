@@ -1,0 +1,191 @@
+"""Quantized inputs: fine-grained FP8 and 8-bit compressed-tensors read as float32, a row block
+at a time, against transformers' and compressed-tensors' own dequantization (and float64)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fixtures_models as fm
+import fixtures_quant as fq
+from stream_readapt import extract, merge
+from stream_readapt.cli import main
+from stream_readapt.io.checkpoint import Checkpoint
+from stream_readapt.io.quantized import DequantizedCheckpoint
+
+pytest.importorskip("transformers")
+
+EDGE = (24, 40)  # divides none of the tiny model's sizes: edge blocks on both axes
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(llama_pair, tmp_path_factory):
+    """llama_pair in fine-grained FP8, 16×16 blocks (what transformers' own dequantizer accepts)."""
+    root = tmp_path_factory.mktemp("fp8")
+    return fm.ModelPair(fq.fp8_blocks_copy(llama_pair.base, root / "base", (16, 16)),
+                        fq.fp8_blocks_copy(llama_pair.instruct, root / "instruct", (16, 16)))
+
+
+@pytest.fixture(scope="module")
+def deq(fp8_pair):
+    """transformers' FineGrainedFP8Config(dequantize=True) weights of the pair, float32."""
+    return fq.transformers_dequantized(fp8_pair.base), fq.transformers_dequantized(fp8_pair.instruct)
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _float64_dequantized(folder, name, scale_suffix, block) -> torch.Tensor:
+    """value · scale of its block, in float64, from the raw file (expanded, not broadcast)."""
+    raw = fm.load_state_dict(folder)
+    q, s = raw[name].double(), raw[name[: -len("weight")] + scale_suffix].double()
+    rows, cols = q.shape
+    bn, bk = min(block[0], rows), min(block[1], cols)
+    s = s.reshape(-1, 1) if s.dim() < 2 else s
+    return q * s.repeat_interleave(bn, 0)[:rows].repeat_interleave(bk, 1)[:, :cols] if s.numel() > 1 else q * s.item()
+
+
+def test_fp8_reads_as_transformers_dequantizes_it(fp8_pair, deq):
+    with Checkpoint.from_folder(fp8_pair.base) as ckpt:
+        assert isinstance(ckpt, DequantizedCheckpoint)
+        assert not any("scale" in n for n in ckpt.names)  # scales are never tensors of their own
+        assert set(ckpt.names) == {n for n in fm.checkpoint_keys(fp8_pair.base) if not n.endswith("_scale_inv")}
+        for name in ckpt.names:
+            assert torch.equal(ckpt.read(name), deq[0][name]), name
+            rows = ckpt.info(name).shape[0]
+            blocks = [ckpt.read_rows(name, a, min(a + 7, rows)) for a in range(0, rows, 7)]  # not on the grid
+            assert torch.equal(torch.cat(blocks), deq[0][name]), name
+
+
+def test_fp8_edge_blocks_read_exactly(llama_pair, tmp_path):
+    folder = fq.fp8_blocks_copy(llama_pair.base, tmp_path / "edge", EDGE)
+    with Checkpoint.from_folder(folder) as ckpt:
+        quantized = [n for n in ckpt.names if ckpt.quantized(n)]
+        assert quantized
+        for name in quantized:
+            want = _float64_dequantized(folder, name, "weight_scale_inv", EDGE)
+            got = torch.cat([ckpt.read_rows(name, a, a + 10) for a in range(0, ckpt.info(name).shape[0], 10)])
+            assert torch.equal(got.double(), want.float().double()), name  # one float32 rounding of the product
+
+
+@pytest.mark.parametrize("kind,strategy", [("float", "channel"), ("float", "tensor"), ("int", "channel"),
+                                           ("int", "group")])
+def test_compressed_tensors_read_as_compressed_tensors_dequantizes(llama_pair, tmp_path, kind, strategy):
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    folder = fq.compressed_copy(llama_pair.base, tmp_path / "ct", kind=kind, strategy=strategy)
+    args = QuantizationArgs(**json.loads((folder / "config.json").read_text())["quantization_config"]
+                            ["config_groups"]["group_0"]["weights"])
+    raw = fm.load_state_dict(folder)
+    with Checkpoint.from_folder(folder) as ckpt:
+        quantized = [n for n in ckpt.names if ckpt.quantized(n)]
+        assert quantized and ct is not None
+        for name in quantized:
+            want = dequantize(raw[name], raw[name[: -len("weight")] + "weight_scale"], args=args, dtype=torch.float32)
+            torch.testing.assert_close(ckpt.read_rows(name, 3, 40), want[3:40], rtol=0, atol=0)
+
+
+def test_extract_from_fp8_is_the_difference_of_the_dequantized_models(fp8_pair, deq, tmp_path):
+    extract(fp8_pair.base, fp8_pair.instruct, tmp_path / "full", dtype="float32")
+    delta = _tensors(tmp_path / "full")
+    phi, theta = deq
+    assert set(delta) == {n for n in fm.checkpoint_keys(fp8_pair.instruct) if not n.endswith("_scale_inv")}
+    for name, d in delta.items():
+        assert torch.equal(d, theta[name] - phi[name]), name
+    assert "quantization_config" not in json.loads((tmp_path / "full" / "config.json").read_text())
+
+
+def test_extract_defaults_to_bfloat16_for_quantized_inputs(fp8_pair, tmp_path):
+    extract(fp8_pair.base, fp8_pair.instruct, tmp_path / "full")
+    assert {t.dtype for t in _tensors(tmp_path / "full").values()} == {torch.bfloat16}
+
+
+def test_merge_of_fp8_pair_matches_float64_and_loads_in_transformers(fp8_pair, deq, lora_adapter, llama_pair, tmp_path):
+    """Ω = Φ + α·Ψ + β·Δ over the dequantized weights; the result is a plain checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    merge(fp8_pair.base, out, instruct=fp8_pair.instruct, knowledge=lora_adapter, dtype="float32")
+    plain = {k: v.double() for k, v in fm.load_state_dict(llama_pair.base).items()}
+    psi = {k: v.double() - plain[k] for k, v in fm.peft_merged_state_dict(llama_pair.base, lora_adapter,
+                                                                            dtype=torch.float64).items()}
+    phi, theta = deq
+    got = fm.load_state_dict(out)
+    for name, w in got.items():
+        want = phi[name].double() + 0.5 * psi[name] + 0.5 * (theta[name].double() - phi[name].double())
+        torch.testing.assert_close(w.double(), want, rtol=0, atol=2e-7 * float(want.abs().max()) + 1e-12)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()  # a plain checkpoint
+    assert all(torch.equal(loaded[name], w) for name, w in got.items())
+
+
+def test_lore_of_fp8_pair_loads_in_peft_on_the_dequantized_base(fp8_pair, deq, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    manifest = extract(fp8_pair.base, fp8_pair.instruct, tmp_path / "lore", rank=8)
+    factors = fm.load_state_dict(tmp_path / "lore")
+    assert {t.dtype for t in factors.values()} == {torch.bfloat16}  # a normal bf16 adapter
+    base = AutoModelForCausalLM.from_pretrained(fp8_pair.base, dtype=torch.float32,
+                                                quantization_config=FineGrainedFP8Config(dequantize=True))
+    merged = PeftModel.from_pretrained(base, str(tmp_path / "lore")).merge_and_unload().state_dict()
+    phi, theta = deq
+    for module, rec in manifest["modules"].items():
+        name = module + ".weight"
+        if rec.get("rank") is None or name not in phi:
+            continue
+        true = theta[name].double() - phi[name].double()
+        err = float((merged[name].double() - phi[name].double() - true).norm() / true.norm())
+        assert err <= rec["rel_error"] + 2e-2, (name, err, rec["rel_error"])
+
+
+def test_merge_without_dtype_refuses_in_one_line(fp8_pair, tmp_path, capsys):
+    rc = main(["merge", str(fp8_pair.base), "--instruct", str(fp8_pair.instruct), "-o", str(tmp_path / "m"),
+               "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "--dtype bfloat16" in err and "FP8" in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("config", [
+    {"quant_method": "gptq", "bits": 4},
+    {"quant_method": "awq", "bits": 4},
+    {"quant_method": "bitsandbytes", "load_in_4bit": True},
+    {"quant_method": "mxfp4"},
+    {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}},
+    {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {}},
+    {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+])
+def test_other_quantization_methods_are_refused_naming_method_and_fix(llama_pair, tmp_path, capsys, config):
+    folder = tmp_path / "q"
+    folder.mkdir()
+    for f in llama_pair.base.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = config
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rc = main(["extract", str(folder), str(llama_pair.instruct), "-o", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "dequantize it first" in err
+    assert repr(config["quant_method"]) in err or repr(config.get("format")) in err or "ue8m0" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_scale_of_the_wrong_shape_is_named(llama_pair, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = fq.fp8_blocks_copy(llama_pair.base, tmp_path / "bad", (16, 16))
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    tensors[key] = tensors[key][:2]
+    save_file(tensors, folder / "model.safetensors")
+    rc = main(["extract", str(folder), str(llama_pair.instruct), "-o", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and key in err and len(err.splitlines()) == 1
