@@ -146,11 +146,78 @@ def test_lore_of_fp8_pair_loads_in_peft_on_the_dequantized_base(fp8_pair, deq, t
         assert err <= rec["rel_error"] + 2e-2, (name, err, rec["rel_error"])
 
 
-def test_merge_without_dtype_refuses_in_one_line(fp8_pair, tmp_path, capsys):
-    rc = main(["merge", str(fp8_pair.base), "--instruct", str(fp8_pair.instruct), "-o", str(tmp_path / "m"),
-               "--quiet"])
+def _requantize_reference(w: torch.Tensor, block) -> torch.Tensor:
+    """The same recipe (block amax / 448, round to nearest), from the fixture's quantizer, dequantized."""
+    q, scale = fq.quantize_blocks(w.float(), block)
+    rows, cols = w.shape
+    bn, bk = min(block[0], rows), min(block[1], cols)
+    return q.double() * scale.double().repeat_interleave(bn, 0)[:rows].repeat_interleave(bk, 1)[:, :cols]
+
+
+@pytest.mark.parametrize("block", [(16, 16), EDGE])
+def test_merge_keeps_the_fp8_format_with_fresh_scales(llama_pair, lora_adapter, tmp_path, block):
+    """Default merge of an FP8 pair: FP8 blocks out (scales after their weights, in their shard),
+    the instruct config's quantization_config kept; dequantized, within the recipe's own error
+    of the float64 Ω, and as close as the recipe applied to the exact Ω gets."""
+    base = fq.fp8_blocks_copy(llama_pair.base, tmp_path / "base", block)
+    instruct = fq.fp8_blocks_copy(llama_pair.instruct, tmp_path / "instruct", block)
+    out = tmp_path / "merged"
+    manifest = merge(base, out, instruct=instruct, knowledge=lora_adapter)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == list(block)
+    raw = fm.load_state_dict(out)
+    assert set(raw) == set(fm.checkpoint_keys(instruct))  # every weight and every scale, nothing else
+    assert list(raw).index("model.layers.0.self_attn.q_proj.weight_scale_inv") > 0
+    with Checkpoint.from_folder(base) as phi_ckpt, Checkpoint.from_folder(instruct) as theta_ckpt, \
+            Checkpoint.from_folder(out) as omega:
+        plain = {k: v.double() for k, v in fm.load_state_dict(llama_pair.base).items()}
+        psi = {k: v.double() - plain[k] for k, v in fm.peft_merged_state_dict(llama_pair.base, lora_adapter,
+                                                                                dtype=torch.float64).items()}
+        for name in omega.names:
+            phi, theta = phi_ckpt.read(name).double(), theta_ckpt.read(name).double()
+            want = phi + 0.5 * psi[name] + 0.5 * (theta - phi)
+            got = omega.read(name).double()
+            if not omega.quantized(name):
+                torch.testing.assert_close(got, want, rtol=0, atol=2e-7 * float(want.abs().max()))
+                continue
+            assert raw[name].dtype == torch.float8_e4m3fn
+            err = float((got - want).norm() / want.norm())
+            best = float((_requantize_reference(want, block) - want).norm() / want.norm())
+            assert err <= best * 1.02 + 1e-6, (name, err, best)
+            assert manifest["tensors"][name]["requant_rel_error"] == pytest.approx(err, rel=1e-2)
+    if block == (16, 16):  # transformers dequantizes only grid-divisible shapes
+        loaded = fq.transformers_dequantized(out)
+        with Checkpoint.from_folder(out) as omega:
+            assert all(torch.equal(loaded[n], omega.read(n)) for n in omega.names)
+
+
+def test_merge_keeps_compressed_tensors_int8_channels(llama_pair, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    base = fq.compressed_copy(llama_pair.base, tmp_path / "base", kind="int", strategy="channel")
+    instruct = fq.compressed_copy(llama_pair.instruct, tmp_path / "instruct", kind="int", strategy="channel")
+    merge(base, tmp_path / "merged", instruct=instruct, beta=1.0, alpha=0.0)
+    raw = fm.load_state_dict(tmp_path / "merged")
+    theta = fm.load_state_dict(instruct)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert raw[name].dtype == torch.int8
+    # β = 1, α = 0: Ω = Θ, so requantizing Θ's own int8 channels gives them back exactly
+    assert torch.equal(raw[name], theta[name])
+    torch.testing.assert_close(raw["model.layers.1.mlp.down_proj.weight_scale"],
+                               theta["model.layers.1.mlp.down_proj.weight_scale"], rtol=1e-6, atol=0)
+
+
+def test_merge_with_dtype_writes_a_plain_checkpoint(fp8_pair, tmp_path):
+    merge(fp8_pair.base, tmp_path / "m", instruct=fp8_pair.instruct, dtype="bfloat16")
+    assert {t.dtype for t in fm.load_state_dict(tmp_path / "m").values()} == {torch.bfloat16}
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
+
+
+def test_per_tensor_scales_are_not_written_back_but_refused_in_one_line(llama_pair, tmp_path, capsys):
+    base = fq.compressed_copy(llama_pair.base, tmp_path / "base", strategy="tensor")
+    instruct = fq.compressed_copy(llama_pair.instruct, tmp_path / "instruct", strategy="tensor")
+    rc = main(["merge", str(base), "--instruct", str(instruct), "-o", str(tmp_path / "m"), "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert rc != 0 and len(err.splitlines()) == 1 and "--dtype bfloat16" in err and "FP8" in err
+    assert rc != 0 and len(err.splitlines()) == 1 and "--dtype bfloat16" in err
     assert not (tmp_path / "m").exists()
 
 

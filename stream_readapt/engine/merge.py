@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from .manifest import (
     write_plain_config,
 )
 from .options import RunOptions, Scales
+from .requantize import Requantizer
 from .runner import LocalRunner, ShardOutput, plan_shards
 from .streaming import check_scales
 
@@ -90,7 +92,10 @@ def merge(
         delta = InstructDelta(Checkpoint.open(instruct, revision=revision)) if instruct else open_readapter(readapter)
         psi = PeftAdapter(knowledge) if knowledge else None
         try:
-            run = run.for_inputs(phi, getattr(delta, "ckpt", None), what=None)
+            theta = getattr(delta, "ckpt", None)
+            keep_format = theta if run.dtype is None and getattr(theta, "scheme", None) is not None else None
+            if keep_format is None:
+                run = run.for_inputs(phi, theta, what="the merged model")
             _check_recorded_base(delta, phi, ignore_base_mismatch)
             pairs = delta.plan(phi)
             if psi is not None:
@@ -99,12 +104,15 @@ def merge(
                 "merged",
                 inputs=_inputs(phi, delta, psi),
                 alpha=alpha, beta=beta,
-                dtype=run.dtype_name or "base",
+                dtype=run.dtype_name or ("instruct's format" if keep_format else "base"),
                 device=str(run.device),
             )
+            if keep_format is not None:
+                manifest["format"] = keep_format.scheme.describe()
             with out_folder as tmp:
-                manifest["tensors"] = MergePass(phi, delta, psi, Scales(alpha, beta), run).write(tmp, pairs, manifest)
-                _write_side_files(tmp, delta, phi, pairs)
+                manifest["tensors"] = MergePass(phi, delta, psi, Scales(alpha, beta), run, keep_format).write(
+                    tmp, pairs, manifest)
+                _write_side_files(tmp, delta, phi, pairs, plain=keep_format is None)
                 write_manifest(tmp, manifest)
         finally:
             delta.close()
@@ -142,13 +150,20 @@ class MergePass:
     psi: PeftAdapter | None
     scales: Scales
     run: RunOptions
+    keep_format: object | None = None  # a quantized Θ whose format the output keeps
 
     def write(self, tmp: Path, pairs: list[TensorPlan], manifest: dict) -> dict:
-        plan = plan_shards(pairs, lambda p: self.run.dtype or p.dtype, self.run, self.phi.weight_map)
+        requantize = requantizers(self.keep_format, pairs)
+        plan = plan_shards(pairs, lambda p: self.run.dtype or p.dtype, self.run, self.phi.weight_map, requantize)
         # JSON values, since the journal saves them with each shard for --resume
+        scales = {r.scale_name for r in requantize.values()}
         self.state = {p.name: as_json(MergeStats(self.scales.beta != 0 and self.delta.has(p.name), False, p.added_rows))
-                      for p in plan.order}
+                      for p in plan.order if p.name not in scales}
         LocalRunner().run(plan, self, ShardOutput(tmp, metadata=safetensors_metadata(manifest)), self.run, "merge")
+        for stats in self.state.values():  # Σ error², Σ Ω² of a requantized tensor -> its relative error
+            err, norm = stats.pop("requantized", (None, None))
+            if err is not None:
+                stats["requant_rel_error"] = round(math.sqrt(err / norm), 8) if norm else 0.0
         return self.state
 
     def bind(self, blocks: BlockBuffers) -> None:
@@ -180,8 +195,21 @@ class MergePass:
         return out
 
 
-def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPlan]) -> None:
-    """Config, generation config and tokenizer from the instruct side (else the base)."""
+def requantizers(theta, pairs: list[TensorPlan]) -> dict[str, Requantizer]:
+    """The tensors written back in Θ's quantized format (those Θ stores quantized)."""
+    if theta is None:
+        return {}
+    out = {}
+    for p in pairs:
+        if theta.quantized(p.name):
+            scale = p.name[: -len("weight")] + theta.scheme.scale_suffix
+            out[p.name] = Requantizer(theta.scheme, theta.inner.info(p.name).dtype, tuple(p.shape), scale)
+    return out
+
+
+def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPlan], *, plain: bool = True) -> None:
+    """Config, generation config and tokenizer from the instruct side (else the base); `plain`:
+    the tensors are plain floats, so the config loses any quantization_config."""
     copied = copy_side_files(delta.folder, tmp)
     recorded = (delta.manifest or {}).get("instruct_config")
     if "config.json" not in copied and recorded:  # a LoRE-Adapter keeps Θ's config in its manifest
@@ -189,7 +217,8 @@ def _write_side_files(tmp: Path, delta, phi: Checkpoint, pairs: list[TensorPlan]
         copied.append("config.json")
     if "config.json" not in copied:
         copy_side_files(phi.folder, tmp, skip=tuple(copied))
-    write_plain_config(tmp)  # the tensors are plain floats, whatever the inputs were
+    if plain:
+        write_plain_config(tmp)
     config_path = tmp / "config.json"
     if config_path.is_file() and any(p.kind is Role.LM_HEAD for p in pairs):
         # A separate lm_head was written: the config must not tie it back to the embeddings.

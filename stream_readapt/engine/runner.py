@@ -17,7 +17,7 @@ the same plans, hands the units out, and has the writer's process write the resu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -45,6 +45,7 @@ class WorkPlan:
 
     units: tuple[ShardUnit, ...]
     dtype_of: Callable[[TensorPlan], torch.dtype]
+    requantize: dict = field(default_factory=dict)  # tensor -> Requantizer: written quantized, its scale after it
 
     @property
     def groups(self) -> list[list[str]]:
@@ -61,14 +62,26 @@ class WorkPlan:
 
 
 def plan_shards(pairs: list[TensorPlan], dtype_of: Callable[[TensorPlan], torch.dtype], run: RunOptions,
-                weight_map: dict[str, str]) -> WorkPlan:
-    """Shards of at most `run.max_shard_size`, else laid out like `weight_map` (the base's)."""
+                weight_map: dict[str, str], requantize: dict | None = None) -> WorkPlan:
+    """Shards of at most `run.max_shard_size`, else laid out like `weight_map` (the base's).
+    `requantize` (tensor -> Requantizer): each such tensor's scale is planned right after it,
+    in its shard."""
+    requantize = requantize or {}
+    pairs = [q for p in pairs for q in ([p, _scale_plan(requantize[p.name])] if p.name in requantize else [p])]
+    scale_names = {r.scale_name for r in requantize.values()}
+    plain_dtype_of = dtype_of
+    dtype_of = lambda p: (requantize[p.name].dtype if p.name in requantize  # noqa: E731
+                          else torch.float32 if p.name in scale_names else plain_dtype_of(p))
     sizes = {p.name: math.prod(p.shape) * dtype_of(p).itemsize for p in pairs}
     planned = [PlannedTensor(p.name, sizes[p.name]) for p in pairs]
     groups = shards_by_size(planned, run.max_shard_size) if run.max_shard_size else shards_like(planned, weight_map)
     by_name = {p.name: p for p in pairs}
     units = tuple(ShardUnit(i, tuple(by_name[n] for n in g), sum(sizes[n] for n in g)) for i, g in enumerate(groups))
-    return WorkPlan(units, dtype_of)
+    return WorkPlan(units, dtype_of, requantize)
+
+
+def _scale_plan(req) -> TensorPlan:
+    return TensorPlan(req.scale_name, req.scale_name, req.scale_shape, req.scale_shape[0], torch.float32)
 
 
 class StreamWork(Protocol):
@@ -110,7 +123,8 @@ class LocalRunner:
         with progress(plan.nbytes, label, run.quiet) as bar, BlockBuffers(run.device) as blocks:
             work.bind(blocks)
             stream_pass(writer, plan.order, dtype_of=plan.dtype_of, blocks=blocks, reads_of=work.reads_of,
-                        compute=work.compute, block_bytes=run.block_bytes, bar=bar, state=work.state)
+                        compute=work.compute, block_bytes=run.block_bytes, bar=bar, state=work.state,
+                        requantize=plan.requantize)
 
     def run_units(self, units: Sequence, work: UnitWork, run: RunOptions, label: str) -> None:
         with progress(sum(work.cost(u) for u in units), label, run.quiet) as bar:

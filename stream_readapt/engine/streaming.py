@@ -76,9 +76,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}") from None
 
 
-def row_blocks(rows: int, row_numel: int, block_bytes: int, split_at: int | None = None) -> Iterator[tuple[int, int]]:
-    """[start, stop) row ranges of about `block_bytes` float32 bytes; none crosses `split_at`."""
+def row_blocks(rows: int, row_numel: int, block_bytes: int, split_at: int | None = None,
+               align: int = 1) -> Iterator[tuple[int, int]]:
+    """[start, stop) row ranges of about `block_bytes` float32 bytes (a multiple of `align` rows:
+    a quantized output's scale rows); none crosses `split_at`."""
     step = max(1, block_bytes // max(1, row_numel * 4))
+    step = max(align, step - step % align)
     for lo, hi in ((0, rows if split_at is None else split_at), (split_at, rows)):
         if lo is None:
             break

@@ -112,30 +112,38 @@ class Job:
     last: bool  # the tensor's last block
 
 
-def block_jobs(order: list[TensorPlan], block_bytes: int) -> list[Job]:
+def block_jobs(order: list[TensorPlan], block_bytes: int, align=None) -> list[Job]:
+    """Row blocks of each tensor; `align(pair)`: blocks start on multiples of that many rows."""
     jobs = []
     for pair in order:
         rows = pair.shape[0] if pair.shape else 1
-        spans = list(row_blocks(rows, math.prod(pair.shape[1:]), block_bytes, split_at=pair.base_rows))
+        step = align(pair) if align else 1
+        spans = list(row_blocks(rows, math.prod(pair.shape[1:]), block_bytes, split_at=pair.base_rows, align=step))
         jobs += [Job(pair, a, b, i == len(spans) - 1) for i, (a, b) in enumerate(spans)]
     return jobs
 
 
 def stream_pass(writer: CheckpointWriter, order: list[TensorPlan], *, dtype_of, blocks: BlockBuffers,
-                reads_of, compute, block_bytes: int, bar, state: dict | None = None) -> None:
+                reads_of, compute, block_bytes: int, bar, state: dict | None = None,
+                requantize: dict | None = None) -> None:
     """The loop every streaming pass shares: read ahead, compute, check, write behind.
 
     `reads_of(job)` lists the (ckpt, name, start, stop, slot) reads `compute(job)` will
     make through `blocks`, so they can start while the previous block is computed;
     `compute(job)` returns the block as float32 (or float64) on the device. `state` (tensor
     name -> JSON values the caller fills while computing) is saved with each finished shard,
-    and restored for the shards a resumed run skips.
+    and restored for the shards a resumed run skips. `requantize` (tensor name ->
+    `requantize.Requantizer`) writes those tensors in their quantized format, each followed by
+    its scale tensor (planned right after it, and not computed on its own).
     """
+    requantize = requantize or {}
+    scales = {r.scale_name for r in requantize.values()}
     if state is not None:
         writer.track_state(state)
     order = [p for p in order if p.name not in writer.done]  # finished by the run this one resumes
     check_free_space(writer.folder, sum(math.prod(p.shape) * dtype_of(p).itemsize for p in order))
-    jobs = block_jobs(order, block_bytes)
+    order = [p for p in order if p.name not in scales]  # written by their weight's requantizer
+    jobs = block_jobs(order, block_bytes, lambda p: requantize[p.name].rows_per_block if p.name in requantize else 1)
     out = BackgroundWriter(writer)
     threads = torch.get_num_threads()
     if blocks.device.type == "cpu" and threads > 1:
@@ -149,11 +157,27 @@ def stream_pass(writer: CheckpointWriter, order: list[TensorPlan], *, dtype_of, 
             dtype = dtype_of(job.pair)
             if job.start == 0:
                 out.begin(job.pair.name, dtype, job.pair.shape)
-            block = blocks.to_cpu(compute(job), dtype, slot=f"out{i % 2}")  # two buffers: one is being written
-            check_finite(block, job.pair.name)  # as written: a float16 cast can overflow to Inf
-            out.write(block)
+                scale_rows = []
+            req = requantize.get(job.pair.name)
+            if req is not None:
+                rows = compute(job)
+                check_finite(rows, job.pair.name)
+                values, scale, err, norm = req.encode(rows)
+                out.write(values.cpu())
+                scale_rows.append(scale.cpu())
+                if state is not None:
+                    state[job.pair.name]["requantized"] = [a + b for a, b in
+                                                           zip(state[job.pair.name].get("requantized", [0.0, 0.0]), (err, norm))]
+            else:
+                block = blocks.to_cpu(compute(job), dtype, slot=f"out{i % 2}")  # two buffers: one is being written
+                check_finite(block, job.pair.name)  # as written: a float16 cast can overflow to Inf
+                out.write(block)
             if job.last:
                 out.end()
+                if req is not None:
+                    out.begin(req.scale_name, torch.float32, req.scale_shape)
+                    out.write(torch.cat(scale_rows))
+                    out.end()
                 bar.update(math.prod(job.pair.shape) * dtype.itemsize)
         out.finalize()
     except BaseException:

@@ -1,0 +1,75 @@
+"""Writing a merged tensor back in its quantized format, a block of scale rows at a time.
+
+`merge` keeps the instruct model's format by default: a weight Θ stored as FP8 blocks (or
+8-bit compressed-tensors) is written the same way, with fresh scales for Ω. The recipe is the
+one the published checkpoints use: per block, scale = amax / the format's largest value
+(448 for float8_e4m3fn, 127 for int8), values rounded to nearest. Row blocks are aligned to
+the scale grid, so a block's scales are final when its rows are; the scale tensor is written
+right after its weight, in the same shard. The squared error of every requantized tensor is
+kept for the manifest, beside the squared norm of what was quantized.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..io.quantized import QuantScheme
+
+
+@dataclass(frozen=True)
+class Requantizer:
+    """One weight's output format: values of `dtype`, a float32 scale per `block`."""
+
+    scheme: QuantScheme
+    dtype: torch.dtype  # float8_e4m3fn or int8
+    shape: tuple[int, int]
+    scale_name: str
+
+    def __post_init__(self):
+        if self.scheme.block_for(self.shape)[0] >= self.shape[0] > 1:
+            # one scale over all rows: its amax is known only once the whole tensor is
+            raise ValueError(f"writing {self.scheme.describe()} back would hold a whole tensor in memory; pass "
+                             "--dtype bfloat16 for a plain checkpoint")
+
+    @property
+    def block(self) -> tuple[int, int]:
+        bn, bk = self.scheme.block_for(self.shape)
+        return min(bn, self.shape[0]) or 1, min(bk, self.shape[1]) or 1
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.block[0]
+
+    @property
+    def scale_shape(self) -> tuple[int, int]:
+        bn, bk = self.block
+        return math.ceil(self.shape[0] / bn), math.ceil(self.shape[1] / bk)
+
+    @property
+    def top(self) -> float:
+        return float(torch.finfo(self.dtype).max) if self.dtype.is_floating_point else 127.0
+
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(values, scale rows, squared error, squared norm) of float rows covering whole scale rows."""
+        bn, bk = self.block
+        n, cols = rows.shape
+        rows = rows.float()
+        full, rem = divmod(cols, bk)
+        tiles = math.ceil(n / bn)
+        # amax per tile: rows padded to whole tiles (the last row tile may be short)
+        padded = rows if n == tiles * bn else torch.cat([rows, rows.new_zeros(tiles * bn - n, cols)])
+        grid = padded.abs().unflatten(0, (tiles, bn)).amax(dim=1)  # [tiles, cols]
+        amax = grid[:, : full * bk].unflatten(1, (full, bk)).amax(dim=2)
+        if rem:
+            amax = torch.cat([amax, grid[:, full * bk:].amax(dim=1, keepdim=True)], dim=1)
+        scale = (amax / self.top).clamp_min(torch.finfo(torch.float32).tiny)
+        per_row = scale.repeat_interleave(bn, dim=0)[:n]
+        expanded = torch.cat([per_row[:, :full].repeat_interleave(bk, dim=1), per_row[:, full:]
+                              .repeat_interleave(rem, dim=1)], dim=1) if rem else per_row.repeat_interleave(bk, dim=1)
+        scaled = (rows / expanded).clamp_(-self.top, self.top)
+        values = scaled.to(self.dtype) if self.dtype.is_floating_point else scaled.round_().to(self.dtype)
+        err = float((values.float() * expanded - rows).double().square().sum())
+        return values, scale, err, float(rows.double().square().sum())
