@@ -101,3 +101,68 @@ def transformers_dequantized(folder: str | Path) -> dict[str, torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  quantization_config=FineGrainedFP8Config(dequantize=True))
     return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+_FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert parameter [E, in, out] as gpt-oss stores it: blocks [E, out, in/32, 16] (two E2M1
+    codes a byte, low nibble first) and E8M0 scales [E, out, in/32] (exponent + 127)."""
+    t = w.float().transpose(1, 2)
+    e, out, n = t.shape
+    g = t.reshape(e, out, n // 32, 32)
+    amax = g.abs().amax(-1, keepdim=True).clamp_min(2.0 ** -126)
+    exp = torch.ceil(torch.log2(amax / 6.0))
+    scaled = g / torch.exp2(exp)
+    mag = (scaled.abs()[..., None] - _FP4).abs().argmin(-1)  # nearest magnitude code 0..7
+    codes = (mag + 8 * (scaled < 0)).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exp[..., 0] + 127).to(torch.uint8)
+
+
+def build_mxfp4_pair(root: str | Path) -> tuple[Path, Path, Path, Path]:
+    """A tiny gpt-oss pair (experts' in-dims multiples of 32, as MXFP4 needs), plain and with its
+    experts in MXFP4: (base, instruct, base_mxfp4, instruct_mxfp4)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    root = Path(root)
+    config = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=8, tie_word_embeddings=False,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(root / "instruct")
+    out = []
+    for side in ("base", "instruct"):
+        state = load_state_dict(root / side)
+        tensors = {}
+        for name, w in state.items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                tensors[name + "_blocks"], tensors[name + "_scales"] = quantize_mxfp4(w)
+            else:
+                tensors[name] = w.contiguous()
+        dst = root / f"{side}_mxfp4"
+        dst.mkdir()
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+        cfg = json.loads((root / side / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+        out.append(dst)
+    return root / "base", root / "instruct", out[0], out[1]
+
+
+def transformers_mxfp4_dequantized(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The float32 weights transformers loads from an MXFP4 folder (`Mxfp4Config(dequantize=True)`)."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 quantization_config=Mxfp4Config(dequantize=True))
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}

@@ -225,7 +225,7 @@ def test_per_tensor_scales_are_not_written_back_but_refused_in_one_line(llama_pa
     {"quant_method": "gptq", "bits": 4},
     {"quant_method": "awq", "bits": 4},
     {"quant_method": "bitsandbytes", "load_in_4bit": True},
-    {"quant_method": "mxfp4"},
+    {"quant_method": "fbgemm_fp8"},
     {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}},
     {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {}},
     {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
@@ -256,3 +256,37 @@ def test_scale_of_the_wrong_shape_is_named(llama_pair, tmp_path, capsys):
     rc = main(["extract", str(folder), str(llama_pair.instruct), "-o", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and key in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def mxfp4_pair(tmp_path_factory):
+    """A tiny gpt-oss pair with its experts in MXFP4: (base, instruct, base_mxfp4, instruct_mxfp4)."""
+    return fq.build_mxfp4_pair(tmp_path_factory.mktemp("mxfp4"))
+
+
+def test_mxfp4_experts_read_as_transformers_dequantizes_them(mxfp4_pair):
+    want = fq.transformers_mxfp4_dequantized(mxfp4_pair[2])
+    with Checkpoint.from_folder(mxfp4_pair[2]) as ckpt:
+        assert set(ckpt.names) == set(want)  # `<param>_blocks` / `_scales` served as `<param>`
+        experts = [n for n in ckpt.names if ckpt.quantized(n)]
+        assert len(experts) == 4
+        for name in ckpt.names:
+            assert torch.equal(ckpt.read(name), want[name]), name
+            if name in experts:  # rows are experts
+                assert torch.equal(torch.cat([ckpt.read_rows(name, e, e + 1) for e in range(4)]), want[name])
+
+
+def test_extract_and_merge_of_an_mxfp4_pair(mxfp4_pair, tmp_path, capsys):
+    base, instruct = mxfp4_pair[2], mxfp4_pair[3]
+    phi, theta = fq.transformers_mxfp4_dequantized(base), fq.transformers_mxfp4_dequantized(instruct)
+    extract(base, instruct, tmp_path / "full", dtype="float32")
+    for name, d in _tensors(tmp_path / "full").items():
+        assert torch.equal(d, theta[name] - phi[name]), name
+    capsys.readouterr()  # the reference loads' progress bars
+    rc = main(["merge", str(base), "--instruct", str(instruct), "-o", str(tmp_path / "m"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "MXFP4" in err and "--dtype bfloat16" in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.glob("*m*partial*")) and not (tmp_path / "m").exists()
+    merge(base, tmp_path / "m", instruct=instruct, dtype="float32", alpha=0.0, beta=1.0)
+    got = fm.load_state_dict(tmp_path / "m")
+    assert all(torch.equal(got[n], theta[n]) for n in theta)  # Ω = Θ at β = 1: the dequantized instruct

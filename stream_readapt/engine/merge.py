@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -107,10 +107,11 @@ def merge(
                 dtype=run.dtype_name or ("instruct's format" if keep_format else "base"),
                 device=str(run.device),
             )
+            requantize = requantizers(keep_format, pairs)  # refuses a format it cannot write before any output
             if keep_format is not None:
                 manifest["format"] = keep_format.scheme.describe()
             with out_folder as tmp:
-                manifest["tensors"] = MergePass(phi, delta, psi, Scales(alpha, beta), run, keep_format).write(
+                manifest["tensors"] = MergePass(phi, delta, psi, Scales(alpha, beta), run, requantize).write(
                     tmp, pairs, manifest)
                 _write_side_files(tmp, delta, phi, pairs, plain=keep_format is None)
                 write_manifest(tmp, manifest)
@@ -150,10 +151,10 @@ class MergePass:
     psi: PeftAdapter | None
     scales: Scales
     run: RunOptions
-    keep_format: object | None = None  # a quantized Θ whose format the output keeps
+    requantize: dict = field(default_factory=dict)  # tensor -> Requantizer: written in Θ's quantized format
 
     def write(self, tmp: Path, pairs: list[TensorPlan], manifest: dict) -> dict:
-        requantize = requantizers(self.keep_format, pairs)
+        requantize = self.requantize
         plan = plan_shards(pairs, lambda p: self.run.dtype or p.dtype, self.run, self.phi.weight_map, requantize)
         # JSON values, since the journal saves them with each shard for --resume
         scales = {r.scale_name for r in requantize.values()}
@@ -203,7 +204,8 @@ def requantizers(theta, pairs: list[TensorPlan]) -> dict[str, Requantizer]:
     for p in pairs:
         if theta.quantized(p.name):
             scale = p.name[: -len("weight")] + theta.scheme.scale_suffix
-            out[p.name] = Requantizer(theta.scheme, theta.inner.info(p.name).dtype, tuple(p.shape), scale)
+            dtype = theta.inner.info(p.name).dtype if p.name in theta.scale_of else torch.uint8
+            out[p.name] = Requantizer(theta.scheme, dtype, tuple(p.shape), scale)
     return out
 
 

@@ -29,6 +29,9 @@ class Requantizer:
     scale_name: str
 
     def __post_init__(self):
+        if self.scheme.method == "mxfp4":
+            raise ValueError("writing MXFP4 experts back is not supported yet; pass --dtype bfloat16 for a plain "
+                             "checkpoint")
         if self.scheme.block_for(self.shape)[0] >= self.shape[0] > 1:
             # one scale over all rows: its amax is known only once the whole tensor is
             raise ValueError(f"writing {self.scheme.describe()} back would hold a whole tensor in memory; pass "

@@ -13,9 +13,12 @@ Read exactly (every scale block, edge blocks included):
   per tensor when no block size is given);
 - `quant_method: "compressed-tensors"`, formats `float-quantized`, `int-quantized` and
   `naive-quantized` with 8-bit symmetric weights (`weight_scale` per tensor, channel, group or
-  block): Red Hat's W8A8 / FP8-dynamic releases.
+  block): Red Hat's W8A8 / FP8-dynamic releases;
+- `quant_method: "mxfp4"` (gpt-oss): expert parameters stored as `<param>_blocks` (two E2M1
+  values a byte, 32 per group) and `<param>_scales` (an E8M0 exponent per group), served as the
+  parameter `<param>` in its in-memory layout [experts, in, out], as transformers loads it.
 
-Everything else a config may declare (GPTQ, AWQ, bitsandbytes, packed int4, NVFP4, MXFP4 …)
+Everything else a config may declare (GPTQ, AWQ, bitsandbytes, packed int4, NVFP4 …)
 is refused in one line naming the method and the way out: a guess at a format would give a
 silently wrong model. Activation scales (`input_scale`) are dropped: they describe the
 quantized forward, not the weights.
@@ -32,6 +35,8 @@ import torch
 from .safetensors_reader import CheckpointError, TensorInfo
 
 _WHOLE = 1 << 62  # a block dimension spanning the whole tensor
+MXFP4_GROUP = 32  # values sharing one E8M0 scale
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # E2M1 codes
 _FIX = ("dequantize it first (load it in transformers with the method's dequantize option, or its own "
         "tool, and save_pretrained in bfloat16), or use the unquantized release")
 _DROPPED_SUFFIXES = (".input_scale", ".k_scale", ".v_scale", ".output_scale")
@@ -48,6 +53,8 @@ class QuantScheme:
     group_size: int = 0
 
     def describe(self) -> str:
+        if self.method == "mxfp4":
+            return "MXFP4 experts"
         if self.method == "fp8":
             return f"fine-grained FP8, {self.block[0]}×{self.block[1]} blocks" if self.block else "FP8, per tensor"
         grain = f"group {self.group_size}" if self.strategy == "group" else self.strategy
@@ -74,6 +81,8 @@ def scheme_of(config: dict, source: str) -> QuantScheme | None:
         return _fp8_scheme(qc, source)
     if method == "compressed-tensors":
         return _compressed_scheme(qc, source)
+    if method == "mxfp4":  # gpt-oss: experts as `<param>_blocks` (two FP4 values a byte) + `<param>_scales`
+        return QuantScheme("mxfp4", "_scales", (1, MXFP4_GROUP))
     raise CheckpointError(f"{source}: quantization_config.quant_method {method!r} is not read by stream-readapt "
                           f"(it reads fine-grained FP8 and 8-bit compressed-tensors): {_FIX}")
 
@@ -141,6 +150,18 @@ def dequantize_rows(q: torch.Tensor, scale_rows: torch.Tensor, row0: int, first_
     return out
 
 
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Experts [e, out, groups, 16] bytes + [e, out, groups] exponents -> float32 [e, in, out]
+    (low nibble first; value · 2^(exponent − 127); the parameter's in-memory layout)."""
+    lut = torch.tensor(_FP4_VALUES, dtype=torch.float32)
+    e, out, groups, half = blocks.shape
+    values = torch.empty(e, out, groups, half * 2, dtype=torch.float32)
+    values[..., 0::2] = lut[(blocks & 0x0F).long()]
+    values[..., 1::2] = lut[(blocks >> 4).long()]
+    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None])
+    return values.reshape(e, out, groups * half * 2).transpose(1, 2).contiguous()
+
+
 class DequantizedCheckpoint:
     """A quantized checkpoint seen as float32 tensors: the same API as `Checkpoint`, scales hidden.
 
@@ -150,8 +171,17 @@ class DequantizedCheckpoint:
         self.inner, self.scheme = inner, scheme
         self.folder, self.files, self.source = inner.folder, inner.files, inner.source
         self.scale_of: dict[str, str] = {}  # quantized weight -> its scale companion
+        self.packed: dict[str, tuple[str, str]] = {}  # MXFP4 parameter -> (its _blocks, its _scales)
         hidden = set()
         for name in inner.weight_map:
+            if scheme.method == "mxfp4":
+                if name.endswith("_blocks"):
+                    param = name[: -len("_blocks")]
+                    if param + "_scales" not in inner.weight_map:
+                        raise CheckpointError(f"{inner.source}: {name!r} has no scales {param + '_scales'!r}")
+                    self.packed[param] = (name, param + "_scales")
+                    hidden |= {name, param + "_scales"}
+                continue
             if name.endswith("." + scheme.scale_suffix):
                 weight = name[: -len(scheme.scale_suffix)] + "weight"
                 if weight not in inner.weight_map:
@@ -164,9 +194,20 @@ class DequantizedCheckpoint:
                                           f"is not read by stream-readapt: {_FIX}")
                 hidden.add(name)
         self.weight_map = {n: f for n, f in inner.weight_map.items() if n not in hidden}
+        for param, (blocks, _) in self.packed.items():
+            self.weight_map[param] = inner.weight_map[blocks]
+            self._check_packed(param)
         for weight in self.scale_of:
             self._check(weight)
         self._names = None
+
+    def _check_packed(self, param: str) -> None:
+        blocks, scales = (self.inner.info(k) for k in self.packed[param])
+        if (blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or len(blocks.shape) != 4
+                or blocks.shape[-1] * 2 != MXFP4_GROUP or tuple(blocks.shape[:-1]) != tuple(scales.shape)):
+            raise CheckpointError(f"{self.source}: {self.packed[param][0]!r} {list(blocks.shape)} {blocks.dtype} with "
+                                  f"scales {list(scales.shape)} {scales.dtype} is not MXFP4 experts "
+                                  "([experts, out, groups, 16] bytes + [experts, out, groups] exponents)")
 
     def _block(self, weight: str) -> tuple[int, int]:
         """The scale block of `weight`, at most the matrix itself."""
@@ -191,8 +232,9 @@ class DequantizedCheckpoint:
     # -- the Checkpoint API ------------------------------------------------------
     @property
     def names(self) -> list[str]:
-        if self._names is None:
-            self._names = [n for n in self.inner.names if n in self.weight_map]
+        if self._names is None:  # storage order; an MXFP4 parameter where its blocks are
+            at = {blocks: param for param, (blocks, _) in self.packed.items()}
+            self._names = [at.get(n, n) for n in self.inner.names if n in self.weight_map or n in at]
         return self._names
 
     def __contains__(self, name: str) -> bool:
@@ -201,18 +243,27 @@ class DequantizedCheckpoint:
     def file_of(self, name: str):
         if name not in self.weight_map:
             raise CheckpointError(f"{self.source}: no tensor named {name!r}")
-        return self.inner.file_of(name)
+        return self.inner.file_of(self.packed[name][0] if name in self.packed else name)
 
     def info(self, name: str) -> TensorInfo:
+        if name in self.packed:  # [experts, in, out] float32
+            blocks = self.inner.info(self.packed[name][0])
+            e, out, groups, half = blocks.shape
+            shape = (e, groups * half * 2, out)
+            return TensorInfo(name, torch.float32, shape, blocks.start, math.prod(shape) * 4)
         info = self.file_of(name).info(name)
         if name in self.scale_of:  # served as float32
             return dataclasses.replace(info, dtype=torch.float32, nbytes=info.numel * 4)
         return info
 
     def quantized(self, name: str) -> bool:
-        return name in self.scale_of
+        return name in self.scale_of or name in self.packed
 
     def read_rows(self, name: str, start: int = 0, stop: int | None = None, *, out=None) -> torch.Tensor:
+        if name in self.packed:  # rows are experts
+            blocks, scales = self.packed[name]
+            block = dequantize_mxfp4(self.inner.read_rows(blocks, start, stop), self.inner.read_rows(scales, start, stop))
+            return block if out is None else out.copy_(block)
         if name not in self.scale_of:
             return self.file_of(name).read_rows(name, start, stop, out=out)
         rows = self.inner.info(name).shape[0]
