@@ -22,7 +22,7 @@ import torch
 from fixtures_models import load_state_dict
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
-SKIP = ("embed_tokens", "lm_head", "norm")  # as transformers' quantizers: Linear layers of the decoder only
+SKIP = ("embed_tokens", "lm_head", "norm", "mlp.gate.")  # Linear layers of the decoder only, routers kept (as DeepSeek-V3)
 
 
 def quantize_blocks(w: torch.Tensor, block: tuple[int, int], *, kind: str = "fp8") -> tuple[torch.Tensor, torch.Tensor]:

@@ -290,3 +290,87 @@ def test_extract_and_merge_of_an_mxfp4_pair(mxfp4_pair, tmp_path, capsys):
     merge(base, tmp_path / "m", instruct=instruct, dtype="float32", alpha=0.0, beta=1.0)
     got = fm.load_state_dict(tmp_path / "m")
     assert all(torch.equal(got[n], theta[n]) for n in theta)  # Ω = Θ at β = 1: the dequantized instruct
+
+
+def _fused(state: dict, key: str) -> torch.Tensor:
+    """A DeepSeek per-expert checkpoint key's rows in transformers' fused parameters."""
+    layer, _, rest = key.partition(".mlp.experts.")
+    if not rest:
+        return state[key]
+    expert, proj = rest.split(".")[:2]
+    e = int(expert)
+    if proj == "down_proj":
+        return state[f"{layer}.mlp.experts.down_proj"][e]
+    fused = state[f"{layer}.mlp.experts.gate_up_proj"][e]
+    half = fused.shape[0] // 2
+    return fused[:half] if proj == "gate_proj" else fused[half:]
+
+
+def test_deepseek_v3_moe_in_fp8_blocks(tmp_path):
+    """DeepSeek-V3's layout: per-expert FP8 matrices with their own scales, MLA projections, a
+    bf16 router; extract, LoRE (experts by target_parameters) and a format-keeping merge."""
+    import fixtures_moe
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    pair = fixtures_moe.build_moe_pair("deepseek_v3", tmp_path / "plain")
+    base = fq.fp8_blocks_copy(pair.base, tmp_path / "base", (8, 8))
+    instruct = fq.fp8_blocks_copy(pair.instruct, tmp_path / "instruct", (8, 8))
+    phi, theta = fq.transformers_dequantized(base), fq.transformers_dequantized(instruct)
+    extract(base, instruct, tmp_path / "full", dtype="float32")
+    delta = _tensors(tmp_path / "full")
+    assert any(".experts.3.up_proj." in k for k in delta)
+    for key, d in delta.items():
+        assert torch.equal(d, _fused(theta, key) - _fused(phi, key)), key
+
+    manifest = extract(base, instruct, tmp_path / "lore", rank=6)
+    config = json.loads((tmp_path / "lore" / "adapter_config.json").read_text())
+    assert config.get("target_parameters")  # the experts, as PEFT reaches them
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
+                                                 quantization_config=FineGrainedFP8Config(dequantize=True))
+    merged = PeftModel.from_pretrained(model, str(tmp_path / "lore")).merge_and_unload().state_dict()
+    for param, rec in manifest["modules"].items():
+        name = param if param in phi else param + ".weight"
+        if name in phi and rec.get("rank"):
+            true = theta[name].double() - phi[name].double()
+            err = float((merged[name].double() - phi[name].double() - true).norm() / true.norm())
+            assert err <= rec["rel_error"] + 2e-2, (name, err, rec["rel_error"])
+
+    manifest = merge(base, tmp_path / "merged", instruct=instruct)
+    assert manifest["format"].startswith("fine-grained FP8")
+    omega = fq.transformers_dequantized(tmp_path / "merged")
+    for name, want_phi in phi.items():
+        want = 0.5 * (want_phi.double() + theta[name].double())
+        err = float((omega[name].double() - want).norm() / max(float(want.norm()), 1e-30))
+        assert err < 0.05, (name, err)  # FP8's own rounding where requantized; float32 elsewhere
+
+
+def test_patch_model_on_the_dequantized_fp8_base_matches_the_merge(fp8_pair, tmp_path):
+    """Live readaptation of a base loaded with transformers' own FP8 dequantization equals the
+    streaming merge (as float32) of the same FP8 pair and LoRE-Adapter."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    from stream_readapt import patch_model, set_scales
+
+    extract(fp8_pair.base, fp8_pair.instruct, tmp_path / "lore", rank=8, dtype="float32")
+    merge(fp8_pair.base, tmp_path / "merged", readapter=tmp_path / "lore", alpha=0.0, beta=0.7, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(fp8_pair.base, dtype=torch.float32,
+                                                 quantization_config=FineGrainedFP8Config(dequantize=True))
+    patch_model(model, readapter=tmp_path / "lore", alpha=0.0, beta=0.3)
+    set_scales(model, alpha=0.0, beta=0.7)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        live = model(ids).logits
+    torch.testing.assert_close(live, fm.logits(tmp_path / "merged", ids), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_model_refuses_layers_that_keep_quantized_weights(llama_pair):
+    from transformers import AutoModelForCausalLM
+
+    from stream_readapt import patch_model
+
+    model = AutoModelForCausalLM.from_pretrained(llama_pair.base, dtype=torch.float32)
+    layer = model.model.layers[0].mlp.down_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(ValueError, match=r"down_proj.weight is stored quantized \(float8_e4m3fn.*dequantize=True"):
+        patch_model(model, readapter=None, knowledge=None)

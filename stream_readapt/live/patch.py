@@ -284,6 +284,17 @@ def _warn_without_kernels(model: nn.Module) -> None:
                        "(%s for the fused kernels)", install_hint("triton"))
 
 
+def _refuse_quantized_layers(model: nn.Module) -> None:
+    """Layers that keep quantized weights (transformers' FP8Linear on a GPU, bitsandbytes, GPTQ …)
+    have no float weight to readapt: load the base dequantized instead."""
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8, torch.int8, torch.int32) and p.dim() >= 2:
+            raise ValueError(f"{name} is stored quantized ({str(p.dtype).replace('torch.', '')}, in "
+                             f"{type(model.get_submodule(name.rpartition('.')[0])).__name__}): patch_model readapts float "
+                             "weights; load the base dequantized (e.g. quantization_config=FineGrainedFP8Config("
+                             "dequantize=True) or Mxfp4Config(dequantize=True)) and patch that")
+
+
 def patch_model(
     model: nn.Module,
     readapter: str | os.PathLike | None = None,
@@ -314,6 +325,7 @@ def patch_model(
     check_scales(alpha=alpha, beta=beta)
     if _is_patched(model):
         raise ValueError("model is already patched: change α and β with set_scales, or patch a freshly loaded base")
+    _refuse_quantized_layers(model)
     _warn_without_kernels(model)
     terms = load_terms(model, readapter, knowledge, ignore_base_mismatch=ignore_base_mismatch)
     _tie_lm_head(model, terms)
