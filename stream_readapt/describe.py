@@ -19,20 +19,25 @@ def describe(path: str | os.PathLike, *, tensors: bool = False) -> dict:
     manifest = read_manifest(folder)
     is_adapter = (folder / "adapter_config.json").is_file()
     with Checkpoint.open(folder) as ckpt:
+        stored = getattr(ckpt, "inner", ckpt)  # a quantized checkpoint: its files as stored, scales included
         by_dtype: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-        for name in ckpt.names:
-            info = ckpt.info(name)
+        for name in stored.names:
+            info = stored.info(name)
             by_dtype[DTYPE_NAMES[info.dtype]][0] += 1
             by_dtype[DTYPE_NAMES[info.dtype]][1] += info.nbytes
         out = {
             "path": str(folder),
             "kind": (manifest or {}).get("kind") or ("peft-adapter" if is_adapter else "checkpoint"),
             "tensors": len(ckpt.names),
-            "bytes": ckpt.total_bytes,
+            "bytes": stored.total_bytes,
             "shards": sorted(ckpt.files),
             "dtypes": {k: {"tensors": v[0], "bytes": v[1]} for k, v in sorted(by_dtype.items())},
             "fingerprint": ckpt.fingerprint(),
         }
+        scheme = getattr(ckpt, "scheme", None)
+        if scheme is not None:  # read as float32 by every command; written back by merge
+            out["format"] = {"quantization": scheme.describe(),
+                             "quantized_tensors": sum(ckpt.quantized(n) for n in ckpt.names)}
         if tensors:
             out["tensor_list"] = {n: [DTYPE_NAMES[ckpt.info(n).dtype], list(ckpt.info(n).shape)] for n in ckpt.names}
     if is_adapter:
@@ -64,6 +69,10 @@ def _adapter_summary(folder: Path) -> dict:
 
 def format_summary(info: dict) -> str:
     lines = [f"{info['path']}: {info['kind']}, {info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB in {len(info['shards'])} file(s)"]
+    if "format" in info:
+        f = info["format"]
+        lines.append(f"  quantized: {f['quantization']}, {f['quantized_tensors']} tensors (read as float32 with "
+                     "their scales; merge writes this format back, --dtype for plain)")
     for dtype, d in info["dtypes"].items():
         lines.append(f"  {dtype:>8}: {d['tensors']} tensors, {d['bytes'] / 2**20:.1f} MiB")
     if "adapter" in info:

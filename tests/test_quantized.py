@@ -374,3 +374,10 @@ def test_patch_model_refuses_layers_that_keep_quantized_weights(llama_pair):
     layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
     with pytest.raises(ValueError, match=r"down_proj.weight is stored quantized \(float8_e4m3fn.*dequantize=True"):
         patch_model(model, readapter=None, knowledge=None)
+
+
+def test_inspect_shows_the_quantized_format(fp8_pair, capsys):
+    assert main(["inspect", str(fp8_pair.base)]) == 0
+    out = capsys.readouterr().out
+    assert "quantized: fine-grained FP8, 16×16 blocks, 14 tensors" in out
+    assert "F8_E4M3: 14 tensors" in out

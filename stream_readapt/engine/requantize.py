@@ -62,17 +62,29 @@ class Requantizer:
         rows = rows.float()
         full, rem = divmod(cols, bk)
         tiles = math.ceil(n / bn)
-        # amax per tile: rows padded to whole tiles (the last row tile may be short)
-        padded = rows if n == tiles * bn else torch.cat([rows, rows.new_zeros(tiles * bn - n, cols)])
-        grid = padded.abs().unflatten(0, (tiles, bn)).amax(dim=1)  # [tiles, cols]
-        amax = grid[:, : full * bk].unflatten(1, (full, bk)).amax(dim=2)
+        a = rows.abs()
+        if n != tiles * bn:  # a short last row tile: pad its amax with zeros
+            a = torch.cat([a, a.new_zeros(tiles * bn - n, cols)])
+        grid = a.view(tiles, bn, cols).amax(dim=1)
+        amax = grid[:, : full * bk].view(tiles, full, bk).amax(dim=2)
         if rem:
             amax = torch.cat([amax, grid[:, full * bk:].amax(dim=1, keepdim=True)], dim=1)
         scale = (amax / self.top).clamp_min(torch.finfo(torch.float32).tiny)
         per_row = scale.repeat_interleave(bn, dim=0)[:n]
-        expanded = torch.cat([per_row[:, :full].repeat_interleave(bk, dim=1), per_row[:, full:]
-                              .repeat_interleave(rem, dim=1)], dim=1) if rem else per_row.repeat_interleave(bk, dim=1)
-        scaled = (rows / expanded).clamp_(-self.top, self.top)
+        # each scale broadcast over its block's columns through views (no expanded scale tensor)
+        scaled = self._per_block(torch.div, rows, per_row, torch.empty_like(rows)).clamp_(-self.top, self.top)
         values = scaled.to(self.dtype) if self.dtype.is_floating_point else scaled.round_().to(self.dtype)
-        err = float((values.float() * expanded - rows).double().square().sum())
-        return values, scale, err, float(rows.double().square().sum())
+        back = self._per_block(torch.mul, values.to(torch.float32), per_row)
+        err = float(back.sub_(rows).square_().sum(dtype=torch.float64))
+        return values, scale, err, float(rows.square().sum(dtype=torch.float64))
+
+    def _per_block(self, op, x: torch.Tensor, per_row: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`op(x, scale of each element's block)`, into `out` (default: in place)."""
+        bk = self.block[1]
+        n, cols = x.shape
+        full, rem = divmod(cols, bk)
+        out = x if out is None else out
+        op(x[:, : full * bk].view(n, full, bk), per_row[:, :full, None], out=out[:, : full * bk].view(n, full, bk))
+        if rem:
+            op(x[:, full * bk:], per_row[:, full:], out=out[:, full * bk:])
+        return out
