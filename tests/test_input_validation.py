@@ -163,3 +163,46 @@ def test_tie_flag_must_be_a_bool(llama_pair, tmp_path, capsys):
     out = tmp_path / "out"
     assert_fails(capsys, out, "tie_word_embeddings must be true or false, got 'false'", "merge", llama_pair.base,
                  "--instruct", instruct, "-o", out)
+
+
+def _with_odd_tensors(src, dst, scalar: float):
+    """A copy of checkpoint `src` holding two legal odd tensors: a 0-dim scalar (xIELU's `beta`)
+    and a zero-row matrix."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    first = sorted(dst.glob("*.safetensors"))[0]
+    tensors = load_file(first)
+    tensors["model.act_beta"] = torch.tensor(scalar)
+    tensors["model.no_rows"] = torch.zeros(0, 4)
+    save_file(tensors, first, metadata={"format": "pt"})
+    index = dst / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"].update({"model.act_beta": first.name, "model.no_rows": first.name})
+        index.write_text(json.dumps(data))
+    return dst
+
+
+def test_zero_dim_and_zero_row_tensors_go_through_every_streaming_path(llama_pair, tmp_path):
+    """Legal odd tensors are merged and extracted like any other (once an AssertionError)."""
+    from safetensors.torch import load_file
+
+    from stream_readapt import extract, merge
+
+    base = _with_odd_tensors(llama_pair.base, tmp_path / "base", 0.5)
+    instruct = _with_odd_tensors(llama_pair.instruct, tmp_path / "instruct", 0.75)
+
+    def tensors(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    extract(base, instruct, tmp_path / "full")
+    merge(base, tmp_path / "m1", instruct=instruct, alpha=0.5, beta=0.5)
+    merge(base, tmp_path / "m2", readapter=tmp_path / "full", alpha=0.5, beta=0.5)
+    assert tensors(tmp_path / "full")["model.act_beta"].item() == 0.25
+    for out in ("m1", "m2"):
+        got = tensors(tmp_path / out)
+        assert got["model.act_beta"].shape == () and got["model.act_beta"].item() == 0.625
+        assert got["model.no_rows"].shape == (0, 4)

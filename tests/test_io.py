@@ -201,3 +201,14 @@ def test_fingerprint_tells_same_layout_checkpoints_apart(llama_pair, tmp_path):
         assert a.fingerprint() != b.fingerprint()
     with Checkpoint.from_folder(llama_pair.base) as a, Checkpoint.from_folder(llama_pair.base) as b:
         assert a.fingerprint() == b.fingerprint()
+
+
+def test_prefetch_asks_for_the_first_shards_in_storage_order_within_budget(llama_pair):
+    """The read-ahead hint covers the shards the stream reads first, and never more than asked."""
+    with Checkpoint.from_folder(llama_pair.base) as ckpt:
+        order = list(dict.fromkeys(ckpt.weight_map[n] for n in ckpt.names))
+        sizes = [(ckpt.folder / rel).stat().st_size for rel in order]
+        assert len(sizes) > 1
+        assert ckpt.prefetch(sizes[0] + 10) == sizes[0] + 10
+        assert ckpt.prefetch(10**15) == sum(sizes)
+        assert ckpt.prefetch(0) == 0

@@ -18,7 +18,7 @@ import torch
 
 from ..arch.plan import plan_pairs, select
 from ..io.blocks import BlockBuffers, Job
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, prefetch_inputs
 from ..io.writer import OutputFolder
 from .manifest import (
     TensorStats,
@@ -87,6 +87,7 @@ def extract(
     run = RunOptions.resolve(device=device, dtype=dtype, max_shard_size=max_shard_size, block_bytes=block_bytes, quiet=quiet)
     with Checkpoint.open(base, revision=revision) as phi, Checkpoint.open(instruct, revision=revision) as theta:
         run = run.for_inputs(phi, theta, what="the RE-Adapter")
+        prefetch_inputs(phi, theta)  # the disk starts while the plan derives the role table
         pairs = plan_pairs(phi, theta)
         chosen = select([p.name for p in pairs], include, exclude)
         pairs = [p for p in pairs if p.name in chosen]

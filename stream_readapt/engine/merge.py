@@ -25,7 +25,7 @@ import torch
 from ..arch.plan import Role, TensorPlan, bind_adapter, ties_embeddings
 from ..deltas.sources import DeltaSource, InstructDelta, open_readapter
 from ..io.blocks import BlockBuffers, Job
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, prefetch_inputs
 from ..io.jsonfile import load_json_object
 from ..io.safetensors_reader import CheckpointError
 from ..io.writer import OutputFolder
@@ -93,6 +93,7 @@ def merge(
         psi = PeftAdapter(knowledge) if knowledge else None
         try:
             theta = getattr(delta, "ckpt", None)
+            prefetch_inputs(phi, theta)  # the disk starts while the plan derives the role table
             keep_format = theta if run.dtype is None and getattr(theta, "scheme", None) is not None else None
             if keep_format is None:
                 run = run.for_inputs(phi, theta, what="the merged model")

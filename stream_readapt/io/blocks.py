@@ -116,6 +116,9 @@ def block_jobs(order: list[TensorPlan], block_bytes: int, align=None) -> list[Jo
     """Row blocks of each tensor; `align(pair)`: blocks start on multiples of that many rows."""
     jobs = []
     for pair in order:
+        if math.prod(pair.shape) == 0:  # a legal empty tensor (zero rows or columns): written, never read
+            jobs.append(Job(pair, 0, 0, True))
+            continue
         rows = pair.shape[0] if pair.shape else 1
         step = align(pair) if align else 1
         spans = list(row_blocks(rows, math.prod(pair.shape[1:]), block_bytes, split_at=pair.base_rows, align=step))
@@ -158,6 +161,9 @@ def stream_pass(writer: CheckpointWriter, order: list[TensorPlan], *, dtype_of, 
             if job.start == 0:
                 out.begin(job.pair.name, dtype, job.pair.shape)
                 scale_rows = []
+            if job.start == job.stop:  # an empty tensor: nothing to compute or write
+                out.end()
+                continue
             req = requantize.get(job.pair.name)
             if req is not None:
                 rows = compute(job)

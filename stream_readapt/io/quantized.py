@@ -281,6 +281,9 @@ class DequantizedCheckpoint:
     def read(self, name: str) -> torch.Tensor:
         return self.read_rows(name, 0, None)
 
+    def prefetch(self, nbytes: int) -> int:
+        return self.inner.prefetch(nbytes)
+
     @property
     def config(self) -> dict:
         return self.inner.config

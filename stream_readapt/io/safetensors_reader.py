@@ -192,6 +192,14 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: input changed during the run (rewritten or replaced), so the "
                                   "output could mix old and new bytes; nothing was written: rerun once it is stable")
 
+    def prefetch(self, nbytes: int) -> int:
+        """Ask the kernel to start reading this file's first `nbytes` in the background (no wait,
+        no memory of ours); returns the bytes asked for."""
+        nbytes = min(nbytes, os.fstat(self._descriptor()).st_size)
+        if nbytes > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._descriptor(), 0, nbytes, os.POSIX_FADV_WILLNEED)
+        return max(nbytes, 0)
+
     def _descriptor(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -228,7 +236,7 @@ class SafetensorsFile:
         nbytes = (stop - start) * info.row_bytes
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
-        raw = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.view(torch.uint8).reshape(-1)[:nbytes]
+        raw = torch.empty(nbytes, dtype=torch.uint8) if out is None else out.reshape(-1).view(torch.uint8)[:nbytes]
         self._read_into(memoryview(raw.numpy()), info.start + start * info.row_bytes, name)
         return raw.view(info.dtype).reshape(shape)
 
