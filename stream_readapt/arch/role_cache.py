@@ -3,7 +3,7 @@
 Deriving a table builds the model on the meta device, and that means importing transformers
 and the model's modeling code: ~5 s of one core on the 2-core CPU the benchmarks run on,
 a third of a warm-cache 1B merge. The table is a pure function of the config, the tensor
-keys, the installed transformers and the code a table comes from (roles.py, table.py, meta.py),
+keys, the installed transformers and peft, and the code a table comes from (roles.py, table.py, meta.py, quirks.py),
 so it is stored under a hash of exactly those and reused; sweeps over α and β, and any rerun, skip the import.
 
 A cached entry is only a shortcut: one that is missing, unreadable, corrupt or written by
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 FORMAT = 2  # bump when the stored layout changes
 MAX_ENTRY_BYTES = 16 * 2**20  # a 1024-layer MoE table is a few MB
 MAX_ENTRIES = 256  # least recently used entries beyond this are removed when one is stored
-_DERIVATION = ("roles.py", "table.py", "meta.py")  # the code a table comes from: a change derives tables anew
+_DERIVATION = ("roles.py", "table.py", "meta.py", "quirks.py")  # the code a table comes from: a change derives tables anew
 _FIELDS = ("key", "param", "role", "module_class", "embed_scale", "tied_to", "expert", "part", "unfusable", "reach")
 _PARAM_FIELDS = ("name", "shape", "transposed", "linear", "reach")
 

@@ -27,6 +27,7 @@ import re
 from ..optional import install_hint
 from . import role_cache
 from .meta import config_key, meta_build
+from .quirks import plain_linear
 from .table import VOCAB_ROLES, ParamInfo, Reach, Role, RoleTable, TensorRole, ties_embeddings  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def _role_of(module, p_name: str, p, head, conv1d) -> Role:
         return Role.EMBEDDING
     if isinstance(module, conv1d):
         return Role.BIAS if p_name == "bias" else Role.CONV1D
-    if isinstance(module, nn.Linear):
+    if plain_linear(module):  # a Linear subclass with its own forward (a router) is not a layer PEFT can wrap
         return Role.BIAS if p_name == "bias" else Role.LINEAR
     if "norm" in type(module).__name__.lower() or isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
         return Role.NORM
@@ -173,7 +174,7 @@ def _param_infos(model, by_param: dict[str, TensorRole], model_type: str) -> dic
     for name, tensor in model.state_dict().items():
         module_name, _, leaf = name.rpartition(".")
         owner = modules.get(module_name)
-        linear = isinstance(owner, (nn.Linear, nn.Embedding))
+        linear = plain_linear(owner) or isinstance(owner, nn.Embedding)
         r = by_param.get(name)
         role = r.role if r else Role.OTHER
         out[name] = ParamInfo(name, tuple(tensor.shape), bool(getattr(owner, "is_transposed", False)), linear,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch.plan import bind_adapter
+from ..arch.quirks import plain_linear
 from ..arch.roles import table_of_model
 from ..arch.table import Role
 from ..deltas.sources import FullDelta, open_readapter
@@ -333,7 +334,7 @@ def patch_model(
         weight_terms = terms.get(f"{name}.weight")
         bias_terms = terms.get(f"{name}.bias")
         is_conv1d = isinstance(module, _CONV1D)
-        if (isinstance(module, nn.Linear) or is_conv1d) and (weight_terms or bias_terms):
+        if (plain_linear(module) or is_conv1d) and (weight_terms or bias_terms):
             _replace(model, name, ReadaptLinear(module, weight_terms or Terms(), bias_terms, transposed=is_conv1d))
         elif isinstance(module, nn.Embedding) and weight_terms:
             _replace(model, name, ReadaptEmbedding(module, weight_terms))
