@@ -99,6 +99,16 @@ class single_thread(contextlib.ContextDecorator):
         return False
 
 
+def model_class(folder):
+    """The transformers class a checkpoint was saved from (`architectures[0]`), else
+    AutoModelForCausalLM: multimodal wrappers load as themselves."""
+    import transformers
+
+    arch = (json.loads((Path(folder) / "config.json").read_text()).get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    return cls if cls is not None else transformers.AutoModelForCausalLM
+
+
 def build_tokenizer(*, chat_template: str | None = None, added_tokens: bool = False):
     """A WordLevel tokenizer over `<unk> <s> </s> <pad> system user assistant w0..w292`.
 
@@ -275,10 +285,8 @@ def build_adapter(base_dir: str | Path, out: str | Path, config, *, seed: int = 
         build_adapter(pair.base, tmp / "lora", lora_configs()["lora"])
     """
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base = model_class(base_dir).from_pretrained(base_dir, dtype=torch.float32)
     model = get_peft_model(base, copy.deepcopy(config))
     _randomize_zero_lora(model)
     train_steps(model, steps=steps, lr=lr, seed=seed)
@@ -329,11 +337,10 @@ def peft_merged_state_dict(base_dir: str | Path, adapter_dir: str | Path, *,
     has `lm_head.weight`, aliasing the embeddings).
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     import tempfile
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    base = model_class(base_dir).from_pretrained(base_dir, dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     # save_pretrained writes checkpoint keys (transformers reverts its load-time renamings,
     # e.g. GPT-NeoX's lm_head -> embed_out), which is what a merged checkpoint must hold.
@@ -385,9 +392,7 @@ def reference_readapt_float64(base_dir, instruct_dir, adapter_dir=None, alpha: f
 @torch.no_grad()
 def logits(model_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
     """Float32 logits of `AutoModelForCausalLM.from_pretrained(model_dir)` on `input_ids`."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = model_class(model_dir).from_pretrained(model_dir, dtype=torch.float32).eval()
     return model(input_ids=input_ids).logits
 
 

@@ -29,10 +29,13 @@ def cache(tmp_path, monkeypatch):
 def _config_and_keys(config) -> tuple[dict, list[str]]:
     """A config.json as save_pretrained writes it, and the model's own tensor names (built on meta)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # a multimodal wrapper (Qwen2.5-VL, Mistral-3)
+            model = AutoModelForImageTextToText.from_config(config)
     return json.loads(config.to_json_string()), list(model.state_dict())
 
 

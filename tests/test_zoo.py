@@ -165,3 +165,17 @@ def test_moe_never_takes_the_dense_shortcut(mixtral):
 
     _, table, targets = _lore_targets(mixtral)
     assert may_have_param_targets(targets, table)
+
+
+@pytest.mark.parametrize("name", [f.name for f in zoo.FAMILIES if f.image_text])
+def test_lore_carries_the_vision_towers_delta(name, tmp_path, tmp_path_factory):
+    """A multimodal wrapper's vision tower and projector never show in text logits: check their
+    weights. PEFT's merge of base + LoRE-Adapter gives the instruct weights, tensor by tensor."""
+    models = _models(name, tmp_path_factory)
+    extract(models.base, models.instruct, tmp_path / "lore", max_error=1e-4, device="cpu")
+    merged = fm.peft_merged_state_dict(models.base, tmp_path / "lore")
+    instruct = fm.load_state_dict(models.instruct)
+    vision = [k for k in instruct if "visual" in k or "vision" in k or "multi_modal" in k]
+    assert len(vision) > 5
+    for k in vision:
+        assert_rel_close(merged[k], instruct[k], TOL, k)

@@ -31,6 +31,7 @@ class Family:
     model_type: str
     config: dict = field(default_factory=dict)
     lora: dict = field(default_factory=dict)  # LoraConfig overrides of the knowledge adapter
+    image_text: bool = False  # a multimodal wrapper (AutoModelForImageTextToText); _COMMON goes to text_config
 
 
 FAMILIES = [
@@ -79,6 +80,22 @@ FAMILIES = [
     Family("nemotron_h", "nemotron_h", {**_LLAMA_LIKE, "hybrid_override_pattern": "M*", "mamba_num_heads": 4,
                                         "mamba_head_dim": 24, "ssm_state_size": 4, "n_groups": 1, "head_dim": 12},
            lora={"exclude_modules": ["out_proj"]}),
+    # image-text-to-text wrappers: the language model people adapt, inside a vision model
+    Family("qwen2_5_vl", "qwen2_5_vl", {
+        "text_config": {**_LLAMA_LIKE, "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 2]}},
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                          "out_hidden_size": 48, "patch_size": 14, "spatial_merge_size": 2,
+                          "fullatt_block_indexes": [0]}}, image_text=True),
+    Family("mistral3", "mistral3", {
+        "text_config": {**_LLAMA_LIKE, "model_type": "mistral", "head_dim": 12, "tie_word_embeddings": False},
+        "vision_config": {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 48,
+                          "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 16, "image_size": 56,
+                          "patch_size": 14}}, image_text=True),
+    Family("gemma3-vlm", "gemma3", {
+        "text_config": {**_LLAMA_LIKE, "head_dim": 16, "sliding_window": 32},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
+        "mm_tokens_per_image": 4}, image_text=True),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -96,6 +113,10 @@ class ZooModels:
 def tiny_config(family: Family):
     from transformers import AutoConfig
 
+    if family.image_text:
+        config = dict(family.config)
+        config["text_config"] = {**_COMMON, **config.get("text_config", {})}
+        return AutoConfig.for_model(family.model_type, **config)
     return AutoConfig.for_model(family.model_type, **{**_COMMON, **family.config})
 
 
@@ -120,11 +141,12 @@ def _randomize(model, seed: int) -> None:
 @fm.single_thread()
 def build_family(family: Family, root: str | Path, *, seed: int = 0) -> ZooModels:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     root = Path(root)
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(tiny_config(family)).float().eval()
+    auto = AutoModelForImageTextToText if family.image_text else AutoModelForCausalLM
+    base = auto.from_config(tiny_config(family)).float().eval()
     _randomize(base, seed)
     base.save_pretrained(root / "base")
     instruct = copy.deepcopy(base)
@@ -147,6 +169,4 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def load(path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return fm.model_class(path).from_pretrained(path, dtype=dtype).eval()

@@ -43,9 +43,29 @@ def _build(config_json: str):
     if decode is not None:
         config = decode(config)
     model_type = config.pop("model_type")
+    model_class = _saved_class(transformers, config.get("architectures"))
     for k in _SAVE_ONLY:
         config.pop(k, None)
     cfg = AutoConfig.for_model(model_type, **config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        if model_class is not None:  # the class the checkpoint was saved from (a multimodal wrapper too)
+            model = model_class._from_config(cfg)
+        else:
+            model = _auto_model(transformers, AutoModelForCausalLM, cfg)
     return model, get_model_conversion_mapping(model, add_legacy=True)
+
+
+def _saved_class(transformers, architectures):
+    """config.json's `architectures[0]`, when transformers has that model class (else None)."""
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
+
+
+def _auto_model(transformers, causal_lm, cfg):
+    """A causal LM, else an image-text-to-text model (Qwen2.5-VL, Mistral-3: the language model
+    people adapt lives inside them)."""
+    try:
+        return causal_lm.from_config(cfg)
+    except ValueError:
+        return transformers.AutoModelForImageTextToText.from_config(cfg)

@@ -7,7 +7,7 @@ conv1d (stored transposed, [in, out]), `nn.Embedding` → embedding (with the sc
 embedding multiplies by, Gemma's √hidden), `get_output_embeddings()` → lm_head (tied or not,
 whatever it is called), a `*Norm*` module → norm (Gemma's `1 + w` norms included: Δ is
 additive either way), a convolution's weight (state-space blocks' nn.Conv1d) → other,
-other 3-D parameters → experts.
+a 3-D parameter of a fused `*Experts` module → experts (any other → other).
 
 It also maps checkpoint keys (on disk) to parameter names (in memory): transformers 5
 renames some at load (GPT-NeoX's `embed_out` is `lm_head` in memory), and PEFT adapters use
@@ -125,7 +125,9 @@ def _role_of(module, p_name: str, p, head, conv1d) -> Role:
         return Role.NORM
     if isinstance(module, nn.modules.conv._ConvNd):  # a state-space block's depthwise conv: 3-D, no experts
         return Role.BIAS if p_name == "bias" else Role.OTHER
-    if p.dim() == 3:
+    if p.dim() == 3 and type(module).__name__.endswith("Experts"):
+        # transformers' fused experts modules (MixtralExperts, DeepseekV3Experts, GptOssExperts …);
+        # another 3-D parameter (SigLIP's pooling `probe`, a conv kernel) is no stack of matrices
         return Role.EXPERTS
     return Role.OTHER
 
