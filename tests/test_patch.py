@@ -130,3 +130,23 @@ def test_recorded_base_norms_from_old_manifests(llama_pair, readapters):
 def test_set_scales_needs_a_patched_model(llama_pair):
     with pytest.raises(ValueError, match="patch_model first"):
         set_scales(load(llama_pair.base), 0.5, 0.5)
+
+
+def test_a_term_with_nowhere_to_go_is_refused_not_dropped(llama_pair, readapters):
+    """A layer patch_model must not wrap (a Linear subclass with a forward of its own, as a
+    family's router) keeps its Δ nowhere: one line naming it, and the model left untouched
+    (the Δ was once dropped without a word)."""
+    from transformers import AutoModelForCausalLM
+
+    class TupleLinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x), None
+
+    model = AutoModelForCausalLM.from_pretrained(llama_pair.base, dtype=torch.float32)
+    old = model.model.layers[0].mlp.down_proj
+    odd = TupleLinear(old.in_features, old.out_features, bias=False)
+    odd.weight = old.weight
+    model.model.layers[0].mlp.down_proj = odd
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: the adapters change it"):
+        patch_model(model, readapter=readapters / "lore")
+    assert not any(isinstance(m, (ReadaptLinear, ReadaptEmbedding)) for m in model.modules())

@@ -330,17 +330,35 @@ def patch_model(
     _warn_without_kernels(model)
     terms = load_terms(model, readapter, knowledge, ignore_base_mismatch=ignore_base_mismatch)
     _tie_lm_head(model, terms)
+    layers, applied = [], set()
     for name, module in list(model.named_modules()):
         weight_terms = terms.get(f"{name}.weight")
         bias_terms = terms.get(f"{name}.bias")
         is_conv1d = isinstance(module, _CONV1D)
         if (plain_linear(module) or is_conv1d) and (weight_terms or bias_terms):
-            _replace(model, name, ReadaptLinear(module, weight_terms or Terms(), bias_terms, transposed=is_conv1d))
+            layers.append((name, ReadaptLinear(module, weight_terms or Terms(), bias_terms, transposed=is_conv1d)))
+            applied |= {f"{name}.weight", f"{name}.bias"}
         elif isinstance(module, nn.Embedding) and weight_terms:
-            _replace(model, name, ReadaptEmbedding(module, weight_terms))
+            layers.append((name, ReadaptEmbedding(module, weight_terms)))
+            applied.add(f"{name}.weight")
+    _check_all_applied(model, terms, applied)  # before the model is touched: a refusal leaves it as it was
+    for name, layer in layers:
+        _replace(model, name, layer)
     _patch_other_params(model, terms)
     set_scales(model, alpha, beta)
     return model
+
+
+def _check_all_applied(model: nn.Module, terms: dict[str, Terms], applied: set[str]) -> None:
+    """Every term lands somewhere: a readapted layer, or a parameter rewritten per scale (full
+    terms of parameters and saved buffers). Anything else would be dropped without a word."""
+    rewritable = {n for n, _ in [*model.named_parameters(), *_saved_buffers(model).items()]}
+    left = sorted(name for name, t in terms.items()
+                  if name not in applied and not (t.full and not (t.lore or t.lora) and name in rewritable))
+    if left:
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        raise CheckpointError(f"{left[0]}{more}: the adapters change it, but patch_model has no layer or parameter of "
+                              f"this {type(model).__name__} to apply that to; merge a checkpoint instead")
 
 
 def _tie_lm_head(model: nn.Module, terms: dict[str, Terms]) -> None:
