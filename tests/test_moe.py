@@ -185,3 +185,29 @@ def test_merge_of_pefts_own_all_linear_adapter_matches_peft(moe, all_linear, arc
     assert moved and any("experts" in k for k in moved) == bool(targets)
     for key in peft:
         assert_rel_close(ours[key], peft[key], 1e-6, key)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_live_scales_follow_every_change_cached_or_not(moe, lores, arch, dtype, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from stream_readapt import patch_model, set_scales
+
+    pair, lora = moe[arch]
+    name = str(dtype).replace("torch.", "")
+    ids = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(0))
+    want = {}
+    for a, b in ((0.2, 0.9), (0.7, 0.3)):
+        merge(pair.base, tmp_path / f"m{a}", readapter=lores[arch], knowledge=lora, alpha=a, beta=b, dtype=name)
+        with torch.no_grad():
+            want[a, b] = AutoModelForCausalLM.from_pretrained(tmp_path / f"m{a}", dtype=dtype).eval()(input_ids=ids).logits
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for cached in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(pair.base, dtype=dtype).eval()
+        patch_model(model, readapter=lores[arch], knowledge=lora, alpha=0.0, beta=0.0, cache_weights=cached)
+        for (a, b), logits in want.items():
+            set_scales(model, alpha=1.0, beta=0.0)
+            set_scales(model, alpha=a, beta=b)
+            with torch.no_grad():
+                assert_rel_close(model(input_ids=ids).logits.float(), logits.float(), tol, f"{arch} {cached} {a},{b}")

@@ -179,3 +179,30 @@ def test_lore_carries_the_vision_towers_delta(name, tmp_path, tmp_path_factory):
     assert len(vision) > 5
     for k in vision:
         assert_rel_close(merged[k], instruct[k], TOL, k)
+
+
+POINTS = ((0.2, 0.9), (0.7, 0.3))  # (α, β), reached after other set_scales calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cached_and_fused_weights_follow_every_set_scales(family, tmp_path, dtype):
+    """Live readaptation, with each layer's weight cached per set_scales (the CPU default) and
+    with the terms applied on the fly: after several scale changes, at two (α, β) points, the
+    logits of the merged checkpoint of that point (merged in the same dtype)."""
+    from stream_readapt import set_scales
+
+    extract(family.base, family.instruct, tmp_path / "lore", max_error=1e-4, device="cpu")
+    want = {}
+    for a, b in POINTS:
+        out = tmp_path / f"merged-{a}-{b}"
+        merge(family.base, out, readapter=tmp_path / "lore", knowledge=family.lora, alpha=a, beta=b, device="cpu",
+              dtype=str(dtype).replace("torch.", ""))
+        want[a, b] = zoo.logits_of(zoo.load(out, dtype), zoo.input_ids())
+    tol = TOL if dtype == torch.float32 else 2e-2
+    for cached in (True, False):
+        model = patch_model(zoo.load(family.base, dtype), readapter=tmp_path / "lore", knowledge=family.lora,
+                            alpha=0.0, beta=0.0, cache_weights=cached)
+        for a, b in POINTS:
+            set_scales(model, alpha=0.9, beta=0.1)
+            set_scales(model, alpha=a, beta=b)
+            assert_rel_close(zoo.logits_of(model, zoo.input_ids()), want[a, b], tol, f"cached={cached} {a},{b}")

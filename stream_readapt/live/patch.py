@@ -54,10 +54,12 @@ class ReadaptLinear(nn.Module):
     Wᵀ: its weight and full terms are used through transposed views (no copy); its low-rank
     factors are already in the linear orientation (PEFT's fan_in_fan_out)."""
 
-    def __init__(self, base: nn.Module, weight_terms: Terms, bias_terms: Terms | None, *, transposed: bool = False):
+    def __init__(self, base: nn.Module, weight_terms: Terms, bias_terms: Terms | None, *, transposed: bool = False,
+                 cache: bool = False):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias  # Φ, under nn.Linear's names
-        self.transposed = transposed
+        self.transposed, self.cache = transposed, cache
+        self.effective: torch.Tensor | None = None  # Φ + α·Ψ + β·Δ in Φ's dtype, when cached
         self.terms, self.bias_terms = weight_terms, bias_terms
         self.dora_scale = self._dora_scale() if weight_terms.magnitude is not None else None
         self.set_scales(0.5, 0.5)
@@ -83,8 +85,25 @@ class ReadaptLinear(nn.Module):
         if self.delta is not None and self.transposed:
             self.delta = self.delta.T
         self.bias_eff = _combined_bias(self.bias, self.bias_terms, alpha, beta)
+        if self.cache:
+            self.effective = self._effective_weight()
+
+    @torch.no_grad()
+    def _effective_weight(self) -> torch.Tensor:
+        """The merged weight of these scales, formed once in fp32 (as `merge` forms it) and kept
+        in Φ's dtype: the forward is then one plain matmul, as in the merged checkpoint."""
+        w = self.linear_weight.to(torch.float32, copy=True)
+        if self.row_scale is not None:
+            w.mul_(self.row_scale.float()[:, None])
+        if self.delta is not None:
+            w.add_(self.delta.float(), alpha=float(self.delta_scale))
+        if self.down is not None and self.down.shape[1] > 0:
+            w.addmm_(self.up.float(), self.down.float().T)
+        return w.to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.effective is not None:
+            return F.linear(x, self.effective, self.bias_eff)
         row_scale = None if self.row_scale is None else self.row_scale.to(x.device)
         # Triton kernels on CUDA; on the CPU their references (never the slow interpreter).
         full, lowrank = (readapt_linear_full, readapt_linear_lowrank) if x.is_cuda else (readapt_linear_full_ref, readapt_linear_lowrank_ref)
@@ -106,21 +125,41 @@ class ReadaptEmbedding(nn.Module):
     terms look up their left factor's rows the same way, then multiply by the right one
     (a lookup followed by a scale commutes with that product)."""
 
-    def __init__(self, base: nn.Embedding, terms: Terms):
+    def __init__(self, base: nn.Embedding, terms: Terms, *, cache: bool = False):
         super().__init__()
         # The base module is held outside the module tree (its weight is ours, registered once),
         # so the patched model's parameters and state_dict keys stay the base model's.
-        self._base, self.terms = (base,), terms
+        self._base, self.terms, self.cache = (base,), terms, cache
         self.weight, self.padding_idx = base.weight, base.padding_idx
+        self.effective: torch.Tensor | None = None
         self.set_scales(0.5, 0.5)
 
     def set_scales(self, alpha: float, beta: float) -> None:
         self.alpha, self.beta = alpha, beta
+        if self.cache:
+            self.effective = self._effective_table()
+
+    @torch.no_grad()
+    def _effective_table(self) -> torch.Tensor:
+        """Φ + α·Ψ + β·Δ as one table in Φ's dtype (rows past Φ's are not added: see patch_model)."""
+        table = self.weight.to(torch.float32, copy=True)
+        scales = {"alpha": self.alpha, "beta": self.beta}
+        for scale_name, full in self.terms.full.items():
+            table.add_(full.float(), alpha=scales[scale_name])
+        if self.terms.lore is not None:
+            U, V = self.terms.lore
+            table.addmm_(U.float(), V.float().T, alpha=self.beta)
+        if self.terms.lora is not None:
+            A, B, s = self.terms.lora
+            table.addmm_(B.float(), A.float(), alpha=self.alpha * s)
+        return table.to(self.weight.dtype)
 
     def _lookup(self, table: torch.Tensor, args, kwargs) -> torch.Tensor:
         return torch.func.functional_call(self._base[0], {"weight": table}, args, kwargs).float()
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self.effective is not None:
+            return torch.func.functional_call(self._base[0], {"weight": self.effective}, args, kwargs)
         out = self._base[0](*args, **kwargs).float()
         for scale_name, full in self.terms.full.items():
             out += getattr(self, scale_name) * self._lookup(full, args, kwargs)
@@ -304,6 +343,7 @@ def patch_model(
     alpha: float = 0.5,
     beta: float = 0.5,
     ignore_base_mismatch: bool = False,
+    cache_weights: bool | None = None,
 ) -> nn.Module:
     """Swap `model`'s layers for readapted ones (in place); returns the model.
 
@@ -314,6 +354,10 @@ def patch_model(
         alpha, beta: initial scales; change them later with `set_scales`.
         ignore_base_mismatch: patch even if the readapter's recorded base weight norms are
             not this model's (by default a CheckpointError: it was made for another base).
+        cache_weights: each layer forms Φ + α·Ψ + β·Δ once per `set_scales`, in the model's
+            dtype, and runs one plain matmul (the merged checkpoint's speed, for one more weight
+            per patched layer in memory). None (default): cached unless the fused Triton kernels
+            run (CUDA with triton), which apply the terms on the fly with no extra weight.
 
     Rows the instruct model added to the vocabulary are not added here: the
     patched model keeps the base vocabulary (merge a checkpoint to get them).
@@ -327,7 +371,10 @@ def patch_model(
     if _is_patched(model):
         raise ValueError("model is already patched: change α and β with set_scales, or patch a freshly loaded base")
     _refuse_quantized_layers(model)
-    _warn_without_kernels(model)
+    if cache_weights is None:
+        cache_weights = not (next(model.parameters()).is_cuda and available("triton"))
+    if not cache_weights:
+        _warn_without_kernels(model)
     terms = load_terms(model, readapter, knowledge, ignore_base_mismatch=ignore_base_mismatch)
     _tie_lm_head(model, terms)
     layers, applied = [], set()
@@ -336,10 +383,11 @@ def patch_model(
         bias_terms = terms.get(f"{name}.bias")
         is_conv1d = isinstance(module, _CONV1D)
         if (plain_linear(module) or is_conv1d) and (weight_terms or bias_terms):
-            layers.append((name, ReadaptLinear(module, weight_terms or Terms(), bias_terms, transposed=is_conv1d)))
+            layers.append((name, ReadaptLinear(module, weight_terms or Terms(), bias_terms, transposed=is_conv1d,
+                                               cache=cache_weights)))
             applied |= {f"{name}.weight", f"{name}.bias"}
         elif isinstance(module, nn.Embedding) and weight_terms:
-            layers.append((name, ReadaptEmbedding(module, weight_terms)))
+            layers.append((name, ReadaptEmbedding(module, weight_terms, cache=cache_weights)))
             applied.add(f"{name}.weight")
     _check_all_applied(model, terms, applied)  # before the model is touched: a refusal leaves it as it was
     for name, layer in layers:
