@@ -60,9 +60,10 @@ class ReadaptLinear(nn.Module):
         self.weight, self.bias = base.weight, base.bias  # Φ, under nn.Linear's names
         self.transposed, self.cache = transposed, cache
         self.effective: torch.Tensor | None = None  # Φ + α·Ψ + β·Δ in Φ's dtype, when cached
+        self.skinny: tuple[torch.Tensor, torch.Tensor] | None = None  # (downᵀ, up) run beside it
         self.terms, self.bias_terms = weight_terms, bias_terms
         self.dora_scale = self._dora_scale() if weight_terms.magnitude is not None else None
-        self.set_scales(0.5, 0.5)
+        self.set_scales(0.5, 0.5, build=False)  # patch_model sets the scales it was given next
 
     def _dora_scale(self) -> torch.Tensor:
         """c = m / ‖Φ + s·B·A‖_row, once at load (PEFT detaches the norm the same way)."""
@@ -74,7 +75,7 @@ class ReadaptLinear(nn.Module):
         """Φ as an [out, in] linear weight (a view for Conv1D)."""
         return self.weight.T if self.transposed else self.weight
 
-    def set_scales(self, alpha: float, beta: float) -> None:
+    def set_scales(self, alpha: float, beta: float, *, build: bool = True) -> None:
         t = self.terms
         U, V = t.lore if t.lore else (None, None)
         A, B, s = t.lora if t.lora else (None, None, 1.0)
@@ -85,25 +86,47 @@ class ReadaptLinear(nn.Module):
         if self.delta is not None and self.transposed:
             self.delta = self.delta.T
         self.bias_eff = _combined_bias(self.bias, self.bias_terms, alpha, beta)
-        if self.cache:
+        if self.cache and build:
             self.effective = self._effective_weight()
+
+    # The skinny product (x·down)·upᵀ is folded into the cached weight only when it would cost
+    # more than this share of the layer's own matmul per token; below it, it runs beside the
+    # matmul in the model's dtype and set_scales never touches the weight.
+    FOLD_SHARE = 0.1
 
     @torch.no_grad()
     def _effective_weight(self) -> torch.Tensor:
-        """The merged weight of these scales, formed once in fp32 (as `merge` forms it) and kept
-        in Φ's dtype: the forward is then one plain matmul, as in the merged checkpoint."""
-        w = self.linear_weight.to(torch.float32, copy=True)
+        """The weight part of these scales in Φ's dtype, rounded once from fp32 (as `merge` rounds
+        it), written over the previous one; Φ itself when no term changes it."""
+        phi = self.linear_weight
+        n, k = phi.shape
+        rank = self.down.shape[1] if self.down is not None else 0
+        fold = rank > 0 and rank * (n + k) > self.FOLD_SHARE * n * k
+        self.skinny = None if fold or rank == 0 else (self.down.T.to(phi.dtype).contiguous(), self.up.to(phi.dtype))
+        if not fold and self.row_scale is None:
+            if self.delta is None:
+                return phi
+            out = self.effective if self.effective is not None and self.effective is not phi else torch.empty_like(phi)
+            # one fused pass (fp32 per element, rounded once): no weight-sized temporary
+            return torch.add(phi, self.delta, alpha=float(self.delta_scale), out=out)
+        # fp32 throughout: a mixed bf16 + fp32 add_ took 5x longer on the CPU than converting first
+        w = phi.to(torch.float32, copy=True)
         if self.row_scale is not None:
             w.mul_(self.row_scale.float()[:, None])
+        if fold:
+            w.addmm_(self.up.float(), self.down.float().T)
         if self.delta is not None:
             w.add_(self.delta.float(), alpha=float(self.delta_scale))
-        if self.down is not None and self.down.shape[1] > 0:
-            w.addmm_(self.up.float(), self.down.float().T)
-        return w.to(self.weight.dtype)
+        out = self.effective if self.effective is not None and self.effective is not phi else torch.empty_like(phi)
+        return out.copy_(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.effective is not None:
-            return F.linear(x, self.effective, self.bias_eff)
+            y = F.linear(x, self.effective, self.bias_eff)
+            if self.skinny is not None:  # low rank beside the matmul, in the model's dtype
+                down, up = self.skinny
+                y = y + F.linear(F.linear(x, down), up)
+            return y
         row_scale = None if self.row_scale is None else self.row_scale.to(x.device)
         # Triton kernels on CUDA; on the CPU their references (never the slow interpreter).
         full, lowrank = (readapt_linear_full, readapt_linear_lowrank) if x.is_cuda else (readapt_linear_full_ref, readapt_linear_lowrank_ref)
