@@ -165,8 +165,12 @@ class ReadaptEmbedding(nn.Module):
     @torch.no_grad()
     def _effective_table(self) -> torch.Tensor:
         """Φ + α·Ψ + β·Δ as one table in Φ's dtype (rows past Φ's are not added: see patch_model)."""
-        table = self.weight.to(torch.float32, copy=True)
         scales = {"alpha": self.alpha, "beta": self.beta}
+        if len(self.terms.full) == 1 and self.terms.lore is None and self.terms.lora is None:
+            (scale_name, full), = self.terms.full.items()  # a full Δ: one fused pass, rounded once
+            out = self.effective if self.effective is not None else torch.empty_like(self.weight)
+            return torch.add(self.weight, full.to(self.weight.dtype), alpha=scales[scale_name], out=out)
+        table = self.weight.to(torch.float32, copy=True)
         for scale_name, full in self.terms.full.items():
             table.add_(full.float(), alpha=scales[scale_name])
         if self.terms.lore is not None:
