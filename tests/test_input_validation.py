@@ -206,3 +206,22 @@ def test_zero_dim_and_zero_row_tensors_go_through_every_streaming_path(llama_pai
         got = tensors(tmp_path / out)
         assert got["model.act_beta"].shape == () and got["model.act_beta"].item() == 0.625
         assert got["model.no_rows"].shape == (0, 4)
+
+
+def test_a_fifo_where_config_json_should_be_is_refused_not_waited_on(llama_pair, tmp_path):
+    """A FIFO config.json once hung every run (and was blamed on the LoRA): one line, at once."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_pair.base, base)
+    (base / "config.json").unlink()
+    os.mkfifo(base / "config.json")
+    done = subprocess.run([sys.executable, "-m", "stream_readapt", "merge", str(base), "--instruct",
+                           str(llama_pair.instruct), "-o", str(tmp_path / "out"), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config.json: not a regular file" in lines[0], done.stderr

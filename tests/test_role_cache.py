@@ -189,3 +189,39 @@ def test_second_merge_skips_transformers_and_writes_the_same_bytes(llama_pair, l
 
 def _env() -> dict:
     return dict(os.environ)
+
+
+@pytest.mark.parametrize("damage", ["world-writable", "fifo", "symlink"])
+def test_an_entry_others_could_have_written_is_ignored_with_a_warning(damage, cache, caplog, tmp_path):
+    """A cache entry is input like any file read back: a FIFO must not hang the run, and an entry
+    another user could write (a hand-edited `q_proj` marked conv1d made a merge 28% off) is
+    derived again, not trusted."""
+    config, keys = _llama()
+    derived = role_table(config, keys)
+    (entry,) = cache.glob("*.json")
+    if damage == "world-writable":
+        entry.chmod(0o666)
+    elif damage == "fifo":
+        entry.unlink()
+        os.mkfifo(entry)
+    else:
+        target = tmp_path / "elsewhere.json"
+        entry.rename(target)
+        entry.symlink_to(target)
+    with caplog.at_level("WARNING"):
+        again = role_table(config, keys)
+    _same(again, derived)
+    assert "role cache: ignoring" in caplog.text
+
+
+def test_trimming_never_removes_files_that_are_not_entries(cache, monkeypatch):
+    cache.mkdir(parents=True)
+    mine = [cache / f"notes-{i}.json" for i in range(5)] + [cache / ("a" * 64 + ".txt")]
+    for p in mine:
+        p.write_text("{}")
+    monkeypatch.setattr(role_cache, "MAX_ENTRIES", 1)
+    for n in (1, 2, 3):
+        role_table(*_config_and_keys(zoo.tiny_config(zoo.Family(f"l{n}", "llama", {**zoo._LLAMA_LIKE,
+                                                                                   "num_hidden_layers": n}))))
+    assert all(p.exists() for p in mine)
+    assert len([p for p in cache.glob("*.json") if len(p.stem) == 64]) == 1

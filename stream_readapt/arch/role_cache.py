@@ -24,6 +24,8 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 2  # bump when the stored layout changes
 MAX_ENTRY_BYTES = 16 * 2**20  # a 1024-layer MoE table is a few MB
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.json")
 MAX_ENTRIES = 256  # least recently used entries beyond this are removed when one is stored
 _DERIVATION = ("roles.py", "table.py", "meta.py", "quirks.py")  # the code a table comes from: a change derives tables anew
 _FIELDS = ("key", "param", "role", "module_class", "embed_scale", "tied_to", "expert", "part", "unfusable", "reach")
@@ -95,6 +98,10 @@ def load(key: str) -> RoleTable | None:
         return None
     path = folder / f"{key}.json"
     try:
+        untrusted = _untrusted(path)
+        if untrusted:
+            logger.warning("role cache: ignoring %s (%s); deriving the table again", path, untrusted)
+            return None
         table = _decode(load_json_object(path, limit=MAX_ENTRY_BYTES), key)
         os.utime(path)  # recently used: kept when the cache is trimmed
         return table
@@ -103,6 +110,19 @@ def load(key: str) -> RoleTable | None:
     except (CheckpointError, OSError, ValueError, TypeError, KeyError) as e:  # corrupt or foreign: derive again
         logger.debug("role cache: ignoring %s (%s)", path, e)
         return None
+
+
+def _untrusted(path: Path) -> str:
+    """Why an entry may not be trusted ('' when it may): anyone who can write it could make a
+    merge silently wrong, so it must be a regular file of this user that others cannot write."""
+    st = os.lstat(path)  # FileNotFoundError: no entry
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not this user"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return "writable by other users"
+    return ""
 
 
 def store(key: str, table: RoleTable) -> None:
@@ -129,6 +149,8 @@ def _trim(folder: Path) -> None:
     """Remove the least recently used entries beyond MAX_ENTRIES (another run may race us: fine)."""
     entries = []
     for path in folder.glob("*.json"):
+        if not _ENTRY_NAME.fullmatch(path.name):  # only our entries: never a file someone else put there
+            continue
         try:
             entries.append((path.stat().st_mtime_ns, path))
         except FileNotFoundError:

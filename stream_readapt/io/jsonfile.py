@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 from .safetensors_reader import CheckpointError
@@ -34,7 +35,11 @@ def load_json_object(path: str | Path, *, limit: int | None = None) -> dict:
     path, limit = Path(path), limit or MAX_JSON_BYTES
     _checked_size(path, limit)
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK: a FIFO (or a device) where a JSON file should be must not hang the run
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket); replace it with the JSON file")
             raw = fh.read(limit + 1)  # the file may have grown since the stat
         if len(raw) > limit:
             raise CheckpointError(f"{path}: more than the {limit}-byte limit for a JSON file")
@@ -47,9 +52,9 @@ def load_json_object(path: str | Path, *, limit: int | None = None) -> dict:
 
 
 def optional_json_object(path: str | Path, *, limit: int | None = None) -> dict:
-    """`load_json_object`, or {} when there is no such file; a symlink loop or dangling link is
-    an error, not an absent file (`Path.is_file()` says False for both)."""
+    """`load_json_object`, or {} when there is no such file; a symlink loop, a dangling link or a
+    FIFO is an error, not an absent file (`Path.is_file()` says False for all three)."""
     path = Path(path)
-    if not path.is_file() and not path.is_symlink():
+    if not path.exists() and not path.is_symlink():  # a FIFO or device there is no absent file
         return {}
     return load_json_object(path, limit=limit)
