@@ -119,6 +119,9 @@ def run_demo(workdir: str | None = None, quiet: bool = True) -> dict:  # noqa: C
     from .engine.merge import merge
 
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="stream-readapt-demo-"))
+    if workdir and root.exists() and (not root.is_dir() or root.is_symlink() or any(root.iterdir())):
+        # the demo writes base/, instruct/ … there: never over what someone else put in it
+        raise FileExistsError(f"{root}: --dir must be a new or empty folder (the demo writes its models there)")
     lines = []
     say = lines.append
     try:

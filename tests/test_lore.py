@@ -124,3 +124,26 @@ def test_inspect_summary_and_plot(lore_half, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["inspect", str(out), "--plot", str(tmp_path / "spectra.png")]) == 0
     assert (tmp_path / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_plot_never_writes_over_a_file_or_through_a_link(lore_half, tmp_path, capsys, kind):
+    """`inspect --plot P` once replaced an input's config.json with PNG bytes through a link."""
+    pytest.importorskip("matplotlib")
+    victim = tmp_path / "config.json"
+    victim.write_text('{"model_type": "llama"}')
+    target = victim if kind == "file" else tmp_path / "plot.png"
+    if kind == "symlink":
+        target.symlink_to(victim)
+    rc = main(["inspect", str(lore_half[0]), "--plot", str(target)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "already exists" in err and len(err.splitlines()) == 1
+    assert victim.read_text() == '{"model_type": "llama"}'
+
+
+def test_demo_refuses_a_folder_that_holds_something(tmp_path, capsys):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "mine.txt").write_text("keep me")
+    rc = main(["demo", "--dir", str(tmp_path), "--quiet"])
+    assert rc != 0 and "must be a new or empty folder" in capsys.readouterr().err
+    assert (tmp_path / "base" / "mine.txt").read_text() == "keep me" and len(list(tmp_path.iterdir())) == 1

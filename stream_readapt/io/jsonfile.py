@@ -58,3 +58,14 @@ def optional_json_object(path: str | Path, *, limit: int | None = None) -> dict:
     if not path.exists() and not path.is_symlink():  # a FIFO or device there is no absent file
         return {}
     return load_json_object(path, limit=limit)
+
+
+def write_new_file(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path`, which must not exist yet: never over a file this run did not
+    create, never through a symlink (O_EXCL refuses both)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except FileExistsError:
+        raise CheckpointError(f"{path}: already exists (or is a link); choose a new file name") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)

@@ -13,6 +13,7 @@ added vocabulary) are saved as PEFT `modules_to_save` holding Θ; biases as
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -37,6 +38,8 @@ from ..engine.runner import LocalRunner
 from ..engine.streaming import check_finite, row_blocks
 from ..io.checkpoint import Checkpoint
 from ..io.ownership import raise_allocation_error
+from ..io.jsonfile import write_new_file
+from ..io.safetensors_reader import CheckpointError
 from ..io.quantized import plain_config
 from ..io.writer import OutputFolder, SafetensorsShardWriter
 from ..optional import require
@@ -420,6 +423,8 @@ def format_module_summary(summary: dict) -> list[str]:
 
 def plot_spectra(folders: list[Path], path: str | os.PathLike) -> None:
     """Explained-variance curves per module with the chosen ranks marked (needs matplotlib)."""
+    if os.path.lexists(path):  # checked before drawing; write_new_file refuses a race too
+        raise CheckpointError(f"{path}: already exists (or is a link); choose a new file name")
     matplotlib = require("matplotlib", "inspect --plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -441,5 +446,7 @@ def plot_spectra(folders: list[Path], path: str | os.PathLike) -> None:
     ax.set_title("LoRE-Adapter spectra (dots: chosen ranks)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format=Path(path).suffix.lstrip(".").lower() or "png")
     plt.close(fig)
+    write_new_file(path, image.getvalue())
