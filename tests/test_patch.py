@@ -150,3 +150,11 @@ def test_a_term_with_nowhere_to_go_is_refused_not_dropped(llama_pair, readapters
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: the adapters change it"):
         patch_model(model, readapter=readapters / "lore")
     assert not any(isinstance(m, (ReadaptLinear, ReadaptEmbedding)) for m in model.modules())
+
+
+def test_no_false_another_base_warning_for_the_base_it_was_made_on(llama_pair, readapters, lora_adapter, caplog):
+    """Every patch_model call warned that the adapter may be for another base (a loaded model's
+    class name compared with the adapter's base path); the loaded model's own path is compared now."""
+    with caplog.at_level("WARNING"):
+        patch_model(load(llama_pair.base), readapter=readapters / "lore", knowledge=lora_adapter)
+    assert "is this adapter for that base" not in caplog.text

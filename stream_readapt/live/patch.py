@@ -251,6 +251,7 @@ class LoadedBase:
         self.names = list(self.params)
         self.config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
         self.source = f"{type(model).__name__} (loaded model)"
+        self.name_or_path = str(getattr(model, "name_or_path", "") or "")  # where transformers loaded it from
 
     def __contains__(self, name: str) -> bool:
         return name in self.params

@@ -234,7 +234,8 @@ class PeftAdapter:
         `transposed(key)` says which base weights are stored [in, out] (Conv1D), `saved_key` names
         a saved full tensor's output key (default: `resolve`)."""
         resolve = resolve or (lambda n: n if n in base else None)
-        warn_on_contradictions(self.source, self.config, base.source, base.config)
+        # a loaded model is compared by the path transformers loaded it from, not by its class name
+        warn_on_contradictions(self.source, self.config, getattr(base, "name_or_path", None) or base.source, base.config)
         if self.param_loras:
             self.experts = ExpertLoras(self.param_loras, NameMap.from_checkpoint(base), self)
         transposed = transposed or (lambda key: False)
