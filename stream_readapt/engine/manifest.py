@@ -171,6 +171,7 @@ def write_plain_config(folder: Path) -> None:
     if not path.is_file():
         return
     config = load_json_object(path)
-    if config != plain_config(config):
+    plain = plain_config(config)
+    if plain != config:
         with open(path, "w") as fh:
-            json.dump(plain_config(config), fh, indent=2)
+            json.dump(plain, fh, indent=2)

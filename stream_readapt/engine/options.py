@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import logging
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,16 +31,10 @@ class RunOptions:
 
     def for_inputs(self, *ckpts, what: str) -> "RunOptions":
         """The options for these inputs: a quantized input (read as float32) has no dtype of its
-        own to keep, so the output is bfloat16 unless `--dtype` says otherwise (`what`: None
-        refuses instead, naming the option, where writing the quantized format back is the
-        default that is not built yet)."""
+        own to keep, so `what` is written in bfloat16 unless `--dtype` says otherwise."""
         quantized = [c for c in ckpts if getattr(c, "scheme", None) is not None]
         if self.dtype is not None or not quantized:
             return self
-        if what is None:
-            raise ValueError(f"{quantized[0].source} is quantized ({quantized[0].scheme.describe()}): writing that "
-                             "format back is not supported yet; pass --dtype bfloat16 (or float16/float32) for a "
-                             "plain checkpoint")
         logger.info("%s is quantized (%s): writing %s in bfloat16 (--dtype to choose)", quantized[0].source,
                     quantized[0].scheme.describe(), what)
         return replace(self, dtype=torch.bfloat16)

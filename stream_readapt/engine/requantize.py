@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..io.quantized import QuantScheme
+from ..io.quantized import QuantScheme, per_block
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class Requantizer:
 
     @property
     def block(self) -> tuple[int, int]:
-        bn, bk = self.scheme.block_for(self.shape)
-        return min(bn, self.shape[0]) or 1, min(bk, self.shape[1]) or 1
+        return self.scheme.block_in(self.shape)
 
     @property
     def rows_per_block(self) -> int:
@@ -72,19 +71,8 @@ class Requantizer:
         scale = (amax / self.top).clamp_min(torch.finfo(torch.float32).tiny)
         per_row = scale.repeat_interleave(bn, dim=0)[:n]
         # each scale broadcast over its block's columns through views (no expanded scale tensor)
-        scaled = self._per_block(torch.div, rows, per_row, torch.empty_like(rows)).clamp_(-self.top, self.top)
+        scaled = per_block(torch.div, rows, per_row, bk, torch.empty_like(rows)).clamp_(-self.top, self.top)
         values = scaled.to(self.dtype) if self.dtype.is_floating_point else scaled.round_().to(self.dtype)
-        back = self._per_block(torch.mul, values.to(torch.float32), per_row)
+        back = per_block(torch.mul, values.to(torch.float32), per_row, bk)
         err = float(back.sub_(rows).square_().sum(dtype=torch.float64))
         return values, scale, err, float(rows.square().sum(dtype=torch.float64))
-
-    def _per_block(self, op, x: torch.Tensor, per_row: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """`op(x, scale of each element's block)`, into `out` (default: in place)."""
-        bk = self.block[1]
-        n, cols = x.shape
-        full, rem = divmod(cols, bk)
-        out = x if out is None else out
-        op(x[:, : full * bk].view(n, full, bk), per_row[:, :full, None], out=out[:, : full * bk].view(n, full, bk))
-        if rem:
-            op(x[:, full * bk:], per_row[:, full:], out=out[:, full * bk:])
-        return out

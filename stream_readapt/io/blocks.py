@@ -171,9 +171,9 @@ def stream_pass(writer: CheckpointWriter, order: list[TensorPlan], *, dtype_of, 
                 values, scale, err, norm = req.encode(rows)
                 out.write(values.cpu())
                 scale_rows.append(scale.cpu())
-                if state is not None:
-                    state[job.pair.name]["requantized"] = [a + b for a, b in
-                                                           zip(state[job.pair.name].get("requantized", [0.0, 0.0]), (err, norm))]
+                if state is not None:  # Σ error², Σ Ω² so far (JSON: the journal saves them)
+                    sums = state[job.pair.name].setdefault("requantized", [0.0, 0.0])
+                    sums[0], sums[1] = sums[0] + err, sums[1] + norm
             else:
                 block = blocks.to_cpu(compute(job), dtype, slot=f"out{i % 2}")  # two buffers: one is being written
                 check_finite(block, job.pair.name)  # as written: a float16 cast can overflow to Inf

@@ -66,6 +66,11 @@ class QuantScheme:
             return self.block
         return {"tensor": (_WHOLE, _WHOLE), "channel": (1, _WHOLE), "group": (1, self.group_size)}[self.strategy]
 
+    def block_in(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """`block_for`, at most the matrix itself (the block an edge or a whole-tensor scale covers)."""
+        bn, bk = self.block_for(shape)
+        return min(bn, shape[0]) or 1, min(bk, shape[1]) or 1
+
 
 def scheme_of(config: dict, source: str) -> QuantScheme | None:
     """The checkpoint's quantization scheme (None: not quantized); refuses what is not read exactly."""
@@ -140,13 +145,20 @@ def dequantize_rows(q: torch.Tensor, scale_rows: torch.Tensor, row0: int, first_
     if scale.numel() == 1:
         return out.mul_(scale.reshape(()))
     bn, bk = block
-    rows, cols = out.shape
-    per_row = scale.reshape(scale.shape[0], -1)[torch.arange(row0, row0 + rows) // bn - first_scale_row]
+    per_row = scale.reshape(scale.shape[0], -1)[torch.arange(row0, row0 + out.shape[0]) // bn - first_scale_row]
+    return per_block(torch.mul, out, per_row, bk)
+
+
+def per_block(op, x: torch.Tensor, per_row: torch.Tensor, bk: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`op(x, the scale of each element's block)` into `out` (default: in place), with `per_row`
+    [rows, column blocks] broadcast over each block's `bk` columns through views: no
+    scale tensor the size of `x`."""
+    n, cols = x.shape
     full, rem = divmod(cols, bk)
-    # each scale broadcast over its columns through a view: no second block-sized tensor
-    out[:, : full * bk].unflatten(1, (full, bk)).mul_(per_row[:, :full, None])
+    out = x if out is None else out
+    op(x[:, : full * bk].view(n, full, bk), per_row[:, :full, None], out=out[:, : full * bk].view(n, full, bk))
     if rem:
-        out[:, full * bk:].mul_(per_row[:, full: full + 1])
+        op(x[:, full * bk:], per_row[:, full: full + 1], out=out[:, full * bk:])
     return out
 
 
@@ -210,10 +222,7 @@ class DequantizedCheckpoint:
                                   "([experts, out, groups, 16] bytes + [experts, out, groups] exponents)")
 
     def _block(self, weight: str) -> tuple[int, int]:
-        """The scale block of `weight`, at most the matrix itself."""
-        rows, cols = self.inner.info(weight).shape
-        bn, bk = self.scheme.block_for((rows, cols))
-        return min(bn, rows) or 1, min(bk, cols) or 1
+        return self.scheme.block_in(self.inner.info(weight).shape)
 
     def _check(self, weight: str) -> None:
         info, scale = self.inner.info(weight), self.inner.info(self.scale_of[weight])

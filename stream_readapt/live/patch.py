@@ -103,10 +103,10 @@ class ReadaptLinear(nn.Module):
         rank = self.down.shape[1] if self.down is not None else 0
         fold = rank > 0 and rank * (n + k) > self.FOLD_SHARE * n * k
         self.skinny = None if fold or rank == 0 else (self.down.T.to(phi.dtype).contiguous(), self.up.to(phi.dtype))
+        if not fold and self.row_scale is None and self.delta is None:
+            return phi
+        out = self.effective if self.effective is not None and self.effective is not phi else torch.empty_like(phi)
         if not fold and self.row_scale is None:
-            if self.delta is None:
-                return phi
-            out = self.effective if self.effective is not None and self.effective is not phi else torch.empty_like(phi)
             # one fused pass (fp32 per element, rounded once): no weight-sized temporary
             return torch.add(phi, self.delta, alpha=float(self.delta_scale), out=out)
         # fp32 throughout: a mixed bf16 + fp32 add_ took 5x longer on the CPU than converting first
@@ -117,7 +117,6 @@ class ReadaptLinear(nn.Module):
             w.addmm_(self.up.float(), self.down.float().T)
         if self.delta is not None:
             w.add_(self.delta.float(), alpha=float(self.delta_scale))
-        out = self.effective if self.effective is not None and self.effective is not phi else torch.empty_like(phi)
         return out.copy_(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,11 +154,11 @@ class ReadaptEmbedding(nn.Module):
         self._base, self.terms, self.cache = (base,), terms, cache
         self.weight, self.padding_idx = base.weight, base.padding_idx
         self.effective: torch.Tensor | None = None
-        self.set_scales(0.5, 0.5)
+        self.set_scales(0.5, 0.5, build=False)  # patch_model sets the scales it was given next
 
-    def set_scales(self, alpha: float, beta: float) -> None:
+    def set_scales(self, alpha: float, beta: float, *, build: bool = True) -> None:
         self.alpha, self.beta = alpha, beta
-        if self.cache:
+        if self.cache and build:
             self.effective = self._effective_table()
 
     @torch.no_grad()
@@ -382,10 +381,11 @@ def patch_model(
         alpha, beta: initial scales; change them later with `set_scales`.
         ignore_base_mismatch: patch even if the readapter's recorded base weight norms are
             not this model's (by default a CheckpointError: it was made for another base).
-        cache_weights: each layer forms Φ + α·Ψ + β·Δ once per `set_scales`, in the model's
-            dtype, and runs one plain matmul (the merged checkpoint's speed, for one more weight
-            per patched layer in memory). None (default): cached unless the fused Triton kernels
-            run (CUDA with triton), which apply the terms on the fly with no extra weight.
+        cache_weights: each layer forms its weight Φ + β·Δ (+ high-rank terms) once per
+            `set_scales` in the model's dtype and runs low ranks beside one plain matmul (the merged
+            checkpoint's speed, for one more weight per layer with a full Δ). None (default): cached
+            unless the fused Triton kernels run (CUDA with triton), which apply the terms on the fly
+            with no extra weight.
 
     Rows the instruct model added to the vocabulary are not added here: the
     patched model keeps the base vocabulary (merge a checkpoint to get them).

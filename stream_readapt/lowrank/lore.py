@@ -37,10 +37,10 @@ from ..engine.options import RunOptions
 from ..engine.runner import LocalRunner
 from ..engine.streaming import check_finite, row_blocks
 from ..io.checkpoint import Checkpoint
-from ..io.ownership import raise_allocation_error
 from ..io.jsonfile import write_new_file
-from ..io.safetensors_reader import CheckpointError
+from ..io.ownership import raise_allocation_error
 from ..io.quantized import plain_config
+from ..io.safetensors_reader import CheckpointError
 from ..io.writer import OutputFolder, SafetensorsShardWriter
 from ..optional import require
 from ..peft_format.format import PREFIX, factor_keys, write_adapter_config
@@ -219,7 +219,6 @@ def extract_lore(
             manifest["serving"] = serving_report(modules)
             config = adapter_config(targets, modules, phi.source, bool(copies))
             add_target_parameters(config, plan, modules)
-            config["modules_to_save"] = outermost(config["modules_to_save"])
             write_adapter_config(tmp, config)
             if get_profile(profile).rewrites:
                 manifest["profile"] = apply_profile(tmp, profile, phi)
@@ -329,16 +328,6 @@ def _write_full(writer, t: Target, key: str, theta: Checkpoint, dtype, block_byt
         check_finite(block, t.pair.name)  # as written: a float16 cast can overflow to Inf
         writer.write(block)
     writer.end()
-
-
-def outermost(modules: list[str] | None) -> list[str] | None:
-    """modules_to_save without the modules inside another one: PEFT saves a module with all its
-    children, and cannot wrap a child of a module it already wraps (Gemma-3's projector and its
-    norm, SigLIP's pooling head and its attention)."""
-    if not modules:
-        return modules
-    kept = sorted(set(modules))
-    return [m for m in kept if not any(m.startswith(other + ".") for other in kept)]
 
 
 def adapter_config(targets: list[Target], modules: dict, base_source: str, tied: bool) -> dict:

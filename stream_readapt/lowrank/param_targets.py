@@ -24,7 +24,7 @@ from ..arch.table import Reach, Role, RoleTable
 from ..engine.streaming import check_finite
 from ..io.safetensors_reader import CheckpointError
 from ..optional import missing
-from ..peft_format.format import PREFIX
+from ..peft_format.format import PREFIX, outermost_modules
 from .moe_lore import ExpertOptions, lowrank_experts, pack_for_peft
 from .target import RankTarget
 
@@ -178,10 +178,10 @@ def options_from(target: RankTarget, seed: int) -> ExpertOptions:
 
 def add_target_parameters(config: dict, plan: ParamPlan, modules: dict) -> None:
     """Add the parameter targets to an adapter config, each rank by pattern (alpha = rank: scaling 1),
-    and save modules whole where needed."""
+    and save modules whole where needed (only the outermost: a saved module holds its children)."""
     if plan.wholes:
-        saved = [m for m in config["modules_to_save"] or [] if not any(m.startswith(w + ".") for w in plan.wholes)]
-        config["modules_to_save"] = sorted(set(saved) | plan.wholes)
+        config["modules_to_save"] = sorted(set(config["modules_to_save"] or []) | plan.wholes)
+    config["modules_to_save"] = outermost_modules(config["modules_to_save"])
     if plan.params:
         config["target_parameters"] = [pt.info.name for pt in plan.params]
     for pt in plan.params:

@@ -183,7 +183,10 @@ def randomized_svd(
             Q, B = _energy_basis(A, total, target, max_basis, block_size, oversample,
                                  power_iters, gen)
         factors = _truncate(Q, B, total, target, k_cap)
-        factors = _measured(A, factors, wanted, k_cap, seed)
+        # a grown rank is factorized with the same settings (and is measured there)
+        refactor = lambda k: randomized_svd(A, target=RankTarget(rank=k), block_size=block_size,  # noqa: E731
+                                            oversample=oversample, power_iters=power_iters, seed=seed)
+        factors = _measured(A, factors, wanted, k_cap, refactor)
     logger.debug("randomized_svd %s: rank %d of %d estimated, energy %.4f", tuple(matrix.shape),
                  factors.rank, factors.spectrum.numel(), factors.captured_energy)
     return _transpose(factors) if transposed else factors
@@ -194,13 +197,14 @@ def randomized_svd(
 _RESOLVED_ERROR = 1e-2
 
 
-def _measured(A: torch.Tensor, factors: LowRankFactors, wanted: RankTarget, k_cap: int, seed: int) -> LowRankFactors:
+def _measured(A: torch.Tensor, factors: LowRankFactors, wanted: RankTarget, k_cap: int, refactor) -> LowRankFactors:
     """Factors whose small error is measured, not inferred; an error target met on the residual
     (the rank grows until it is, or until the basis is complete)."""
     if wanted.max_error is None and factors.relative_error >= _RESOLVED_ERROR:
         return factors
     while True:
-        factors.measured_error = _residual_error(A, factors)
+        if factors.measured_error is None:
+            factors.measured_error = _residual_error(A, factors)
         if wanted.max_error is None or factors.measured_error <= wanted.max_error:
             return factors
         if factors.rank >= k_cap:  # a cap, or float32's own rounding at a complete basis (~1e-7)
@@ -208,7 +212,7 @@ def _measured(A: torch.Tensor, factors: LowRankFactors, wanted: RankTarget, k_ca
                            wanted.max_error, tuple(A.shape), factors.measured_error, factors.rank)
             return factors
         grown = min(k_cap, max(factors.rank + 1, math.ceil(factors.rank * 1.25)))
-        factors = randomized_svd(A, target=RankTarget(rank=grown), seed=seed)
+        factors = refactor(grown)
 
 
 def _residual_error(A: torch.Tensor, f: LowRankFactors) -> float:

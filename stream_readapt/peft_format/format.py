@@ -70,3 +70,13 @@ def config_scaling(config: dict, module: str) -> float:
 def write_adapter_config(folder: Path, config: dict) -> None:
     """adapter_config.json as PEFT writes it (indented, one trailing newline)."""
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def outermost_modules(modules: list[str] | None) -> list[str] | None:
+    """modules_to_save without the modules inside another one: PEFT saves a module with all its
+    children, and cannot wrap a child of a module it already wraps (Gemma-3's projector and its
+    norm, SigLIP's pooling head and its attention)."""
+    if not modules:
+        return modules
+    kept = sorted(set(modules))
+    return [m for m in kept if not any(m.startswith(other + ".") for other in kept)]
